@@ -1,0 +1,250 @@
+"""Sequence compression strategies and the sample-cost model (paper §4, Fig. 3).
+
+Concern: *what* each view of a training sample is compressed to, and *what that costs*.
+
+* A ViT's cost grows with its sequence length L, so shortening the sequence makes a
+  gradient step cheaper. Two ways, both applied by vit.py at encode time:
+  **token dropout** (keep round((1−drop)·N) random patch tokens; ``vit.token_dropout``)
+  and **patch scaling** (same image, patch size p > p0, so N = (img/p)² tokens).
+* A **Strategy** says, for each *view role*, which of the two to apply. Role ``q`` is the
+  online / student / first view; role ``k`` the momentum / teacher / second view. The
+  paper's "asymmetric token dropout" compresses only q; "symmetric patch scaling" scales
+  both. CLI form, roles separated by ';', settings by ',':
+
+      "none"                            the uncompressed baseline
+      "q:drop=0.75"                     drop 75 % of the query view's tokens, key untouched
+      "q:drop=0.5,patch=24;k:patch=24"  both roles at patch 24, the query also drops half
+      "qk:patch=32"                     both roles at patch 32 (a role list shares settings)
+
+* **Cost model.** Forward FLOPs of one block on L tokens of width D (MLP ratio 4):
+  qkv 6LD² + attention 4L²D + projection 2LD² + MLP 16LD² = 24LD² + 4L²D, times depth,
+  plus the patch embedding 2·N·(3p²)·D. One **unit** is one forward pass of the
+  uncompressed base backbone on one image; a view costs f(L_view)/f(L_base) units times
+  3 if it carries gradient (forward + backward ≈ 3 forwards) and 1 if it only goes through
+  a momentum / teacher encoder. ``--budget`` in train.py is counted in these units.
+  The ``measured`` mode replaces f(L) by timed forward passes of the actual model.
+
+Usage::
+
+    from compress import Strategy, CostModel
+    import vit
+    s = Strategy.parse("q:drop=0.75")
+    cost = CostModel(vit.build_vit("base"))
+    cost.sample_units("moco", s)          # 3·f(0.25 N)/f(N) + 1 ≈ 1.66 (symmetric: ×2)
+
+``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48).
+"""
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from vit import token_dropout  # noqa: F401  (re-exported: token dropout lives with the ViT)
+
+
+# =========================================================================== strategy
+@dataclasses.dataclass(frozen=True)
+class ViewCompression:
+    """How one view role is compressed: token drop rate and patch size (None = base)."""
+    drop: float = 0.0
+    patch_size: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop {self.drop} must be in [0, 1)")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"patch {self.patch_size} must be a positive integer")
+
+    def __str__(self):
+        # repr of the float: the shortest text that parses back to the same value
+        parts = [f"drop={float(self.drop)!r}"] if self.drop else []
+        parts += [f"patch={self.patch_size}"] if self.patch_size is not None else []
+        return ",".join(parts)
+
+
+ROLES = ("q", "k")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Compression per view role: q (online / student / first view), k (momentum / teacher)."""
+    q: ViewCompression = ViewCompression()
+    k: ViewCompression = ViewCompression()
+
+    @classmethod
+    def parse(cls, text):
+        """Parse the CLI form (see the module docstring); raises ValueError naming the field."""
+        if not isinstance(text, str):
+            raise ValueError(f"strategy must be a string, got {text!r}")
+        text = text.strip()
+        if text.lower() in ("", "none", "baseline"):
+            return cls()
+        roles = {r: {} for r in ROLES}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            role_names, sep, settings = part.partition(":")
+            if not sep or not role_names or not set(role_names) <= set(ROLES):
+                raise ValueError(f"bad strategy part {part!r} in {text!r}: expected ROLE:key=value "
+                                 f"with ROLE one of {', '.join(ROLES)} (or 'qk'), e.g. 'q:drop=0.75'")
+            for item in filter(None, (s.strip() for s in settings.split(","))):
+                key, eq, value = item.partition("=")
+                key = key.strip()
+                if key not in ("drop", "patch"):
+                    raise ValueError(f"unknown setting {key!r} in strategy {text!r}; "
+                                     "allowed: drop, patch")
+                try:
+                    if not eq:
+                        raise ValueError
+                    parsed = float(value) if key == "drop" else int(value)
+                except ValueError:
+                    raise ValueError(f"bad setting {item!r} in strategy {text!r}: expected "
+                                     "drop=<float in [0,1)> or patch=<int>") from None
+                if key == "drop":
+                    if not 0.0 <= parsed < 1.0:
+                        raise ValueError(f"drop={value} in strategy {text!r} must be in [0, 1)")
+                elif parsed < 1:
+                    raise ValueError(f"patch={value} in strategy {text!r} must be ≥ 1")
+                for r in role_names:
+                    roles[r]["patch_size" if key == "patch" else "drop"] = parsed
+        return cls(**{r: ViewCompression(**v) for r, v in roles.items()})
+
+    def __str__(self):
+        parts = [f"{r}:{getattr(self, r)}" for r in ROLES if str(getattr(self, r))]
+        return ";".join(parts) or "none"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{r: ViewCompression(**d.get(r, {})) for r in ROLES})
+
+
+NONE = Strategy()
+
+
+# ========================================================================= cost model
+def block_flops(L, D):
+    """Forward FLOPs of one transformer block on L tokens of width D (MLP ratio 4)."""
+    # qkv 6LD² + attention scores and weighted sum 4L²D + projection 2LD² + MLP 16LD²
+    return 24 * L * D * D + 4 * L * L * D
+
+
+def forward_flops(model, img_size=None, patch_size=None, drop=0.0):
+    """Forward FLOPs of the backbone on one image (patch embedding + blocks)."""
+    img = model.img_size if img_size is None else img_size
+    p = model.patch_size if patch_size is None else patch_size
+    n = model.grid(img, p) ** 2                     # patches embedded (vit.ViT's resize rule)
+    L = 1 + (max(1, round((1 - drop) * n)) if drop else n)   # kept tokens + class token
+    embed = 2 * n * (model.in_chans * p * p) * model.dim
+    return embed + model.depth * block_flops(L, model.dim)
+
+
+class CostModel:
+    """Sample cost in units (forward passes of the uncompressed base backbone).
+
+    mode "flops" counts FLOPs (above); mode "measured" times forward passes of ``model``
+    (batch ``batch``, median of ``reps``) for each sequence setting the first time it is
+    asked for, and uses time ratios instead.
+    """
+
+    def __init__(self, model, mode="flops", batch=32, reps=5):
+        if mode not in ("flops", "measured"):
+            raise ValueError(f"cost mode {mode!r}; allowed: flops, measured")
+        self.model, self.mode, self.batch, self.reps = model, mode, batch, reps
+        self._cache = {}
+        self.base = self.forward_cost()
+
+    def forward_cost(self, img_size=None, patch_size=None, drop=0.0):
+        key = (img_size, patch_size, drop)
+        if key not in self._cache:
+            if self.mode == "flops":
+                self._cache[key] = forward_flops(self.model, img_size, patch_size, drop)
+            else:
+                self._cache[key] = self._time_forward(img_size, patch_size, drop)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def _time_forward(self, img_size, patch_size, drop):
+        m = self.model
+        img = m.img_size if img_size is None else img_size
+        device = next(m.parameters()).device
+        x = torch.randn(self.batch, m.in_chans, img, img, device=device)
+        was_training = m.training
+        m.train()                                   # dropout only acts in training mode
+        times = []
+        for i in range(self.reps + 1):              # the first call warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            m(x, patch_size=patch_size, drop=drop)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        m.train(was_training)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    def view_units(self, vc, grad=True, img_size=None):
+        """f(L_view)/f(L_base) × (3 with gradient, 1 through a momentum/teacher encoder)."""
+        vc = vc or ViewCompression()
+        rel = self.forward_cost(img_size, vc.patch_size, vc.drop) / self.base
+        return rel * (3.0 if grad else 1.0)
+
+    def sample_units(self, method, strategy=NONE, views=2, local_crops=0, local_size=None,
+                     symmetric=True):
+        """Units for one training sample of ``method`` under ``strategy``.
+
+        simclr:  every view carries gradient; views alternate roles q, k, q, k, ...
+        moco:    symmetric — every view through the online encoder (q, gradient) and the
+                 momentum encoder (k, no gradient); one-directional — view 1 online only,
+                 view 2 momentum only.
+        dino:    each global crop through the student (q) and teacher (k); each local crop
+                 through the student only, with q's drop at the base patch size.
+        Uncompressed: SimCLR 6, MoCo-v3 8 (one-directional 4), DINO with 2 global crops 8.
+        """
+        strategy = strategy or NONE
+        q = lambda grad: self.view_units(strategy.q, grad)       # noqa: E731
+        k = lambda grad: self.view_units(strategy.k, grad)       # noqa: E731
+        if method in ("simclr", "multiview"):
+            return sum(q(True) if i % 2 == 0 else k(True) for i in range(views))
+        if method == "moco":
+            if symmetric:
+                return views * (q(True) + k(False))
+            return q(True) + k(False)
+        if method == "dino":
+            local = ViewCompression(drop=strategy.q.drop)
+            size = local_size or self.model.img_size
+            return 2 * (q(True) + k(False)) + local_crops * self.view_units(local, True, size)
+        raise ValueError(f"unknown method {method!r}; allowed: simclr, moco, dino, multiview")
+
+
+def default_patch_grid(p0):
+    """The paper's Fig. 3 patch sizes 16–48 for p0 = 16, scaled to any base patch size."""
+    return sorted({round(p0 * f) for f in (1, 1.25, 1.5, 1.75, 2, 2.5, 3)})
+
+
+DROP_GRID = (0.0, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+
+
+def main(argv=None):
+    import vit
+    ap = argparse.ArgumentParser(description="Sample cost over drop × patch (paper Fig. 3): "
+                                 "the query view is compressed, the key view is not.")
+    ap.add_argument("--model", default="base", help="ViT preset (the paper's figure uses base)")
+    ap.add_argument("--method", default="moco", choices=["simclr", "moco", "dino"])
+    ap.add_argument("--mode", default="flops", choices=["flops", "measured"],
+                    help="flops: analytic count; measured: timed forward passes (slow for base)")
+    args = ap.parse_args(argv)
+    model = vit.build_vit(args.model)
+    cost = CostModel(model, args.mode)
+    base = cost.sample_units(args.method)
+    print(f"sample cost in units (1 unit = 1 forward of uncompressed ViT-{args.model}), "
+          f"{args.method}, key view uncompressed; baseline = {base:.2f}")
+    print("patch \\ drop " + "".join(f"{d:>7.2f}" for d in DROP_GRID))
+    for p in default_patch_grid(model.patch_size):
+        row = [cost.sample_units(args.method, Strategy(q=ViewCompression(d, p))) for d in DROP_GRID]
+        print(f"{p:>12d} " + "".join(f"{u:>7.2f}" for u in row))
+
+
+if __name__ == "__main__":
+    main()
