@@ -1,0 +1,441 @@
+"""SimCLR, MoCo-v3 and DINO: heads, losses, momentum / teacher updates, cross-rank gathers.
+
+Concern: turning the features of a sample's views into one scalar loss (paper §3, the three
+augmentation-invariance methods it accelerates; §6 for the recipes). The backbone and the
+sequence compression of each view are given: ``strategy.q`` compresses the online / student /
+first view (it carries gradient), ``strategy.k`` the momentum / teacher / second view
+(compress.py). Every loss is computed for the LOCAL batch against candidates gathered from ALL
+ranks, so that under DDP (which averages gradients over ranks) one step on W processes equals
+one step of a single process on the concatenated batch.
+
+    SimCLR   ℓ_a = −log exp(z_a·z_a⁺/τ) / Σ_{b≠a} exp(z_a·z_b/τ)     2N_global − 2 negatives
+    MoCo-v3  L = 2τ · CE(q·kᵀ/τ, key of the same image)              keys: momentum encoder
+    DINO     H(p_t, p_s) = −Σ softmax((t − c)/τ_t) · log softmax(s/τ_s)   teacher: EMA copy
+
+Usage::
+
+    import torch; from vit import ViT; from losses import build_method
+    method = build_method("moco", ViT(img_size=16, patch_size=4, dim=32, depth=2, heads=2),
+                          proj_dim=16, hidden_dim=64)
+    loss, logs = method([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], progress=0.0)
+    loss.backward(); method.update_target(progress=0.0)     # after optimizer.step() in train.py
+"""
+import copy
+import math
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ================================================================ cross-rank helpers
+# All helpers assume every rank holds the same number of samples (DistributedSampler with
+# drop_last), which all_gather needs anyway. Without a process group they are identities.
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the incoming gradient over ranks, keeps our slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _rank_world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)                                       # (W·N, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Rank s's loss L_s depends on our rows through its copy of the gathered tensor, so
+        # ∂(Σ_s L_s)/∂x_r = Σ_s (grad on rank s)[slice r]. DDP then divides by W, giving the
+        # gradient of the mean loss over the global batch.
+        rank, world = _rank_world()
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // world
+        return grad[rank * n:(rank + 1) * n]                          # (N, ...)
+
+
+def gather_with_grad(x):
+    """Concatenate x over ranks along dim 0, letting gradients flow back to their producer.
+
+    Why: SimCLR's negatives (and GlobalBatchNorm1d's statistics) on rank s are embeddings
+    produced on rank r, so rank s's loss must send gradient back to rank r. Only all_gather +
+    all_reduce are used, so it runs on gloo (CPU) as well as nccl.
+    """
+    return x if _rank_world()[1] == 1 else _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x):
+    """Concatenate x over ranks along dim 0, without gradient.
+
+    Why: MoCo keys are targets (stop-gradient) from the momentum encoder, which takes no
+    gradient anyway; a plain gather skips gather_with_grad's backward all-reduce.
+    """
+    rank, world = _rank_world()
+    if world == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)                                           # (W·N, ...)
+
+
+@torch.no_grad()
+def all_reduce_mean(x):
+    """Mean of x over ranks (a new tensor). Why: DINO's centre and logged values must be the
+    same on every rank, i.e. statistics of the global batch, not of one rank's share."""
+    world = _rank_world()[1]
+    x = x.detach().clone()
+    if world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics are those of the GLOBAL batch (all ranks).
+
+    The projector / predictor BN of SimCLR and MoCo-v3 (SyncBN in the official code), written
+    out with gather_with_grad so that gradient also flows through the mean and variance, and so
+    that it runs on gloo. Same parameters and buffers as nn.BatchNorm1d (checkpoints load into
+    either); with one process it equals nn.BatchNorm1d; in eval mode it uses the running stats.
+    """
+
+    def __init__(self, dim, affine=True, eps=1e-5, momentum=0.1):
+        super().__init__(dim, eps=eps, momentum=momentum, affine=affine)
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f"GlobalBatchNorm1d expects (B, D) input, got shape {tuple(x.shape)}")
+        n = x.shape[0] * _rank_world()[1]                             # global batch size
+        if n < 2:
+            raise ValueError(f"batch statistics need a global batch of at least 2, got {n}")
+        # Statistics in at least float32, also when autocast hands us bf16 / fp16 activations.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))       # (B, D)
+        # μ = Σ_global x / n: gather each rank's (1, D) partial sum → (W, D) → (D,).
+        mean = gather_with_grad(x32.sum(0, keepdim=True)).sum(0) / n
+        xc = x32 - mean                                               # (B, D)
+        # σ² = Σ_global (x − μ)² / n (biased, as BN normalises with); two passes for stability.
+        var = gather_with_grad((xc * xc).sum(0, keepdim=True)).sum(0) / n
+        y = xc * torch.rsqrt(var + self.eps)                          # x̂ = (x − μ)/√(σ² + ε)
+        if self.affine:
+            y = y * self.weight + self.bias                           # γ x̂ + β
+        with torch.no_grad():                       # running statistics, as nn.BatchNorm1d
+            r_mean, r_var = self.running_mean, self.running_var
+            r_mean.lerp_(mean.to(r_mean.dtype), self.momentum)        # r ← (1−m)·r + m·μ
+            r_var.lerp_((var * n / (n - 1)).to(r_var.dtype), self.momentum)   # unbiased σ²
+            self.num_batches_tracked += 1
+        return y.to(x.dtype)
+
+
+def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
+    """MoCo-v3's MLP: [Linear (no bias) → GlobalBN → ReLU] × (layers−1) → Linear (→ BN, no affine).
+
+    No bias before a BN (the BN's β replaces it); the final BN has no affine, as in MoCo-v3.
+    """
+    if layers < 1:
+        raise ValueError(f"an MLP needs layers >= 1, got {layers}")
+    blocks = []
+    for i in range(layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == layers - 1 else hidden_dim
+        blocks.append(nn.Linear(d_in, d_out, bias=False))
+        if i < layers - 1:
+            blocks += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            blocks.append(GlobalBatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*blocks)
+
+
+# ============================================================================ losses
+def nt_xent(z1, z2, temperature=0.2):
+    """SimCLR's NT-Xent for the local anchors, negatives gathered with gradient from all ranks."""
+    rank, world = _rank_world()
+    n = z1.shape[0]                                                   # local N
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    anchors = torch.cat([z1, z2])                                     # (2N, d)
+    cands = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])   # (2N_g, d): view 1, view 2
+    n_g = n * world
+    logits = anchors @ cands.T / temperature                          # (2N, 2N_g)  z_a·z_b/τ
+    idx = torch.arange(n, device=z1.device) + rank * n                # our rows in a gathered view
+    self_col = torch.cat([idx, idx + n_g])                            # anchor a's own column
+    pos_col = torch.cat([idx + n_g, idx])                             # its other view
+    rows = torch.arange(2 * n, device=z1.device)
+    logits[rows, self_col] = float("-inf")                            # b ≠ a: no self-similarity
+    # ℓ_a = −log exp(z_a·z_a⁺/τ) / Σ_{b≠a} exp(z_a·z_b/τ), averaged over the 2N local anchors
+    return F.cross_entropy(logits, pos_col)
+
+
+def moco_v3_loss(q, k, temperature=0.2):
+    """MoCo-v3's contrastive loss of local predictions q against the keys k of ALL ranks."""
+    rank, _ = _rank_world()
+    q = F.normalize(q, dim=1)                                         # (N, d)
+    k = gather_no_grad(F.normalize(k, dim=1))                         # (N_g, d), no gradient
+    logits = q @ k.T / temperature                                    # (N, N_g)
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    # L = 2τ · CE(q·kᵀ/τ, labels). CE's gradient in q scales as 1/τ; the official code's 2τ
+    # factor makes the gradient scale (and so the learning rate) roughly independent of τ.
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def dino_loss(student_out, teacher_out, center, student_temp=0.1, teacher_temp=0.04):
+    """DINO's cross-entropy between every teacher crop i and every student crop j ≠ i.
+
+    student_out: list of (N, K) logits, global crops first; teacher_out: list of (N, K) logits
+    for the global crops only (teacher crop i is the same image as student crop i).
+    """
+    if not 1 <= len(teacher_out) <= len(student_out):
+        raise ValueError(f"need 1 <= teacher crops ({len(teacher_out)}) <= student crops "
+                         f"({len(student_out)})")
+    with torch.no_grad():                             # the teacher gives targets, takes no gradient
+        p_t = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher_out]  # (N, K) each
+    log_p_s = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    # H(p_t,i, p_s,j) = −Σ_K p_t,i · log p_s,j, mean over the batch, then over pairs i ≠ j
+    terms = [(-p_t[i] * log_p_s[j]).sum(-1).mean()
+             for i in range(len(p_t)) for j in range(len(log_p_s)) if i != j]
+    return sum(terms) / len(terms)
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum=0.9):
+    """c ← m·c + (1−m)·mean of the teacher outputs over the GLOBAL batch, in place.
+
+    The centre is subtracted from the teacher logits so no dimension dominates (avoids collapse
+    to one prototype); it must be the same on every rank, hence the all-reduce.
+    """
+    batch_center = all_reduce_mean(torch.cat(teacher_out).mean(0, keepdim=True))  # (1, K)
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+    return center
+
+
+def teacher_temperature(progress, warmup_temp=0.04, final_temp=0.07, warmup_frac=0.3):
+    """DINO's τ_t: linear from warmup_temp to final_temp over the first warmup_frac of the
+    budget, then constant (a hot teacher early is unstable; DINO warns above 0.07)."""
+    progress = min(max(progress, 0.0), 1.0)     # the last step may overshoot the budget a little
+    if progress >= warmup_frac:
+        return final_temp
+    return warmup_temp + (final_temp - warmup_temp) * progress / warmup_frac
+
+
+def momentum_schedule(progress, base=0.99):
+    """EMA momentum m = 1 − (1 − base)·(cos(π·progress) + 1)/2: base at the start, 1 at the end
+    (MoCo-v3, BYOL and DINO: the target slows down as training converges)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """θ_target ← m·θ_target + (1−m)·θ_online, parameter by parameter; buffers (BN running
+    statistics) are the target's own, as in the official MoCo-v3 and DINO."""
+    for p_t, p_o in zip(target.parameters(), online.parameters(), strict=True):
+        p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
+
+
+# ============================================================================= heads
+class DINOHead(nn.Module):
+    """GELU MLP → bottleneck → L2-normalise → weight-normalised Linear to out_dim prototypes."""
+
+    def __init__(self, in_dim, out_dim=4096, hidden_dim=1024, bottleneck_dim=256, layers=3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        blocks = []
+        for i in range(layers):
+            blocks.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                blocks.append(nn.GELU())
+        self.mlp = nn.Sequential(*blocks)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        last = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        nn.init.trunc_normal_(last.weight, std=0.02)
+        # w = g · v/‖v‖ with g fixed to 1: every prototype has unit norm, so the logits are
+        # cosines and cannot grow by scaling w (the official DINO's norm_last_layer=True,
+        # which stabilises training). original0 is g, original1 is v.
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        g = self.last_layer.parametrizations.weight.original0
+        g.data.fill_(1.0)
+        g.requires_grad_(False)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)                          # (B, bottleneck_dim)
+        return self.last_layer(x)                                     # (B, out_dim)
+
+
+# =========================================================================== methods
+def _enc(encoder, x, vc):
+    """Encode x with the view compression vc (anything with .drop, .patch_size; None = none)."""
+    return encoder(x) if vc is None else encoder(x, patch_size=vc.patch_size, drop=vc.drop)
+
+
+def _roles(strategy):
+    return (None, None) if strategy is None else (strategy.q, strategy.k)
+
+
+def _check_views(views, least):
+    if len(views) < least:
+        raise ValueError(f"got {len(views)} views; this method needs at least {least}")
+
+
+class _Encoder(nn.Module):
+    """backbone → head; the momentum encoder / teacher is a deepcopy of one of these."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x, vc=None):
+        return self.head(_enc(self.backbone, x, vc))
+
+
+def _frozen_copy(module):
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)               # updated only by EMA, never by the optimiser
+    return target
+
+
+class SimCLR(nn.Module):
+    """SimCLR: backbone → projector → NT-Xent. Every view carries gradient.
+
+    View i is compressed with strategy.q for even i and strategy.k for odd i (compress.py's
+    cost model counts the same way). With M > 2 views the loss is the mean of nt_xent over all
+    M(M−1)/2 view pairs: each pair is a plain SimCLR problem whose negatives are the other
+    images, never the other views of the same image (the simplest correct generalisation).
+    """
+
+    def __init__(self, backbone, proj_dim=128, hidden_dim=2048, temperature=0.2):
+        super().__init__()
+        self.backbone, self.temperature = backbone, temperature
+        self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=2)  # SimCLR: 1 hidden
+
+    def forward(self, views, strategy=None, progress=0.0):
+        _check_views(views, 2)
+        q, k = _roles(strategy)
+        h = [_enc(self.backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]
+        # One projector call on all views, as SimCLR does: BN statistics over the M·N rows.
+        z = self.projector(torch.cat(h)).split([v.shape[0] for v in views])  # M × (N, proj)
+        pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
+        loss = sum(nt_xent(z[i], z[j], self.temperature) for i, j in pairs) / len(pairs)
+        return loss, {"loss": loss.item()}
+
+    def update_target(self, progress):
+        """No target network in SimCLR."""
+
+
+class MoCoV3(nn.Module):
+    """MoCo-v3: online backbone → projector → predictor; momentum backbone → projector (EMA).
+
+    symmetric=True (official): every view is a query (online, strategy.q) and a key (momentum,
+    strategy.k); the loss is ctr(q1, k2) + ctr(q2, k1). symmetric=False: view 1 is only a query
+    and view 2 only a key, loss = ctr(q1, k2), half the cost. With M views: queries × keys over
+    all pairs i ≠ j, mean over pairs × (2 if symmetric else 1): the above when M = 2.
+    """
+
+    def __init__(self, backbone, proj_dim=256, hidden_dim=4096, temperature=0.2, symmetric=True,
+                 momentum=0.99):
+        super().__init__()
+        self.backbone, self.temperature, self.symmetric = backbone, temperature, symmetric
+        self.momentum = momentum                                      # base of momentum_schedule
+        self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=3)
+        self.predictor = mlp(proj_dim, hidden_dim, proj_dim, layers=2, last_bn=False)
+        # Only the online branch has a predictor (MoCo-v3, after BYOL): the two branches are
+        # deliberately asymmetric, and the predictor is trained only through the queries.
+        self.momentum_encoder = _frozen_copy(_Encoder(backbone, self.projector))
+
+    def forward(self, views, strategy=None, progress=0.0):
+        _check_views(views, 2)
+        q_vc, k_vc = _roles(strategy)
+        m = len(views)
+        queries = range(m) if self.symmetric else [0]
+        keys = range(m) if self.symmetric else range(1, m)
+        q = {i: self.predictor(self.projector(_enc(self.backbone, views[i], q_vc)))
+             for i in queries}                                        # (N, proj) each
+        with torch.no_grad():
+            k = {j: self.momentum_encoder(views[j], k_vc) for j in keys}   # (N, proj) each
+        pairs = [(i, j) for i in queries for j in keys if i != j]
+        loss = sum(moco_v3_loss(q[i], k[j], self.temperature) for i, j in pairs) / len(pairs)
+        loss = loss * (2 if self.symmetric else 1)
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """θ_k ← m·θ_k + (1−m)·θ_q over backbone and projector (called after optimizer.step();
+        the official code does it at the start of the next forward, which is the same thing)."""
+        ema_update(self.momentum_encoder, _Encoder(self.backbone, self.projector), m)
+
+    def update_target(self, progress):
+        self.update_momentum(momentum_schedule(progress, self.momentum))
+
+
+class DINO(nn.Module):
+    """DINO: student backbone → DINOHead; teacher = EMA copy; centred, sharpened teacher targets.
+
+    views[0:2] are the global crops: student with strategy.q, teacher with strategy.k. Any
+    further views are local crops, student only, with q's drop but the base patch size: a local
+    crop is already a short sequence (96 px at p=16 is 36 tokens), so patch scaling would leave
+    almost nothing. Crops of equal shape share one backbone call (as DINO groups by resolution).
+    """
+
+    def __init__(self, backbone, out_dim=4096, hidden_dim=1024, bottleneck_dim=256,
+                 student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.07,
+                 teacher_temp_warmup=0.3, center_momentum=0.9, momentum=0.996):
+        super().__init__()
+        self.backbone = backbone
+        self.head = DINOHead(backbone.dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher = _frozen_copy(_Encoder(backbone, self.head))
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.momentum = momentum                                      # base of momentum_schedule
+        self.teacher_temps = (teacher_temp, teacher_temp_final, teacher_temp_warmup)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def _student(self, crops, vc):
+        """Student logits per crop; consecutive crops of equal shape go through in one call."""
+        out, i = [], 0
+        while i < len(crops):
+            j = i + 1
+            while j < len(crops) and crops[j].shape == crops[i].shape:
+                j += 1
+            h = self.head(_enc(self.backbone, torch.cat(crops[i:j]), vc))  # ((j−i)·N, K)
+            out += h.split([c.shape[0] for c in crops[i:j]])
+            i = j
+        return out
+
+    def forward(self, views, strategy=None, progress=0.0):
+        _check_views(views, 2)
+        q_vc, k_vc = _roles(strategy)
+        local_vc = None if q_vc is None else types.SimpleNamespace(drop=q_vc.drop,
+                                                                   patch_size=None)
+        student = self._student(views[:2], q_vc) + self._student(views[2:], local_vc)
+        with torch.no_grad():
+            teacher = self.teacher(torch.cat(views[:2]), k_vc).chunk(2)   # 2 × (N, K)
+        temp = teacher_temperature(progress, *self.teacher_temps)
+        loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
+        update_center(self.center, teacher, self.center_momentum)     # after the loss, as DINO
+        return loss, {"loss": loss.item(), "teacher_temp": temp}
+
+    @torch.no_grad()
+    def update_teacher(self, m):
+        """θ_t ← m·θ_t + (1−m)·θ_s over backbone and head."""
+        ema_update(self.teacher, _Encoder(self.backbone, self.head), m)
+
+    def update_target(self, progress):
+        self.update_teacher(momentum_schedule(progress, self.momentum))
+
+
+METHODS = {"simclr": SimCLR, "moco": MoCoV3, "dino": DINO}
+
+
+def build_method(name, backbone, **kwargs):
+    """``build_method("moco", vit, proj_dim=256)`` → MoCoV3(vit, proj_dim=256)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name](backbone, **kwargs)
