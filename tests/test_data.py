@@ -1,0 +1,272 @@
+"""Claims of data.py: the embedded data is deterministic and balanced, every augmentation is a
+pure function of its generator, views replay exactly after a restart, the sampler splits an
+epoch across ranks without overlap and resumes mid-epoch, and bad inputs give clear errors."""
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSampler, ViewDataset,
+                  ViewRecipe, augment, build_dataset, build_loader, build_views, eval_transform)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: extra intra-op threads only add overhead, and on a busy 2-core CI
+    machine they can slow a test tenfold. Restored afterwards, so other test files are untouched."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save(array, path):
+    Image.fromarray(np.asarray(array)).save(path)
+
+
+# ===== the embedded dataset =====
+
+def test_embedded_shapes_are_deterministic_and_train_differs_from_val():
+    a, b = EmbeddedShapes("train", size=300), EmbeddedShapes("train", size=300)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (300, 3, 32, 32)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, EmbeddedShapes("val", size=300).images)
+    assert not torch.equal(a.images, EmbeddedShapes("train", size=300, seed=1).images)
+    # Chunked seeding: a smaller dataset is a prefix of a larger one.
+    assert torch.equal(EmbeddedShapes("train", size=1200).images[:300], a.images)
+
+
+def test_embedded_shapes_classes_are_balanced_and_items_are_uint8_chw():
+    ds = EmbeddedShapes("val")
+    assert len(ds) == 2000 and len(ds.classes) == 10
+    assert torch.equal(ds.labels.bincount(), torch.full((10,), 200))
+    img, label = ds[7]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and isinstance(label, int)
+    assert EmbeddedShapes("train", size=20, img_size=48).images.shape == (20, 3, 48, 48)
+
+
+# ===== augmentations =====
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
+@pytest.mark.parametrize("every_op", [False, True])
+def test_augment_is_a_pure_function_of_the_generator(method, every_op):
+    img = EmbeddedShapes("val", size=1).images[0]
+    for recipe in build_views(method, 32, local_crops=1):
+        if every_op:   # probability 1 for every branch, so every op and every draw is exercised
+            recipe = ViewRecipe(**{**recipe.__dict__, "flip_p": 1.0, "jitter_p": 1.0,
+                                   "grayscale_p": 1.0, "blur_p": 1.0, "solarize_p": 1.0})
+        state = torch.get_rng_state()
+        x1 = augment(img, recipe, torch.Generator().manual_seed(5))
+        x2 = augment(img, recipe, torch.Generator().manual_seed(5))
+        x3 = augment(img, recipe, torch.Generator().manual_seed(6))
+        assert torch.equal(torch.get_rng_state(), state), "the global RNG must not be touched"
+        assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+        assert x1.shape == (3, recipe.size, recipe.size) and x1.dtype == torch.float32
+
+
+def test_view_dataset_replays_views_for_the_same_seed_epoch_and_index():
+    base = EmbeddedShapes("train", size=16)
+    a = ViewDataset(base, build_views("moco", 32), seed=3)
+    b = ViewDataset(base, build_views("moco", 32), seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert all(torch.equal(u, v) for u, v in zip(a[5][0], b[5][0]))
+    assert not torch.equal(a[5][0][0], a[5][0][1])          # two different views of one image
+    b.set_epoch(3)
+    assert not torch.equal(a[5][0][0], b[5][0][0])          # a new epoch draws new views
+
+
+@pytest.mark.parametrize("method,kw,sizes", [
+    ("simclr", {}, [32, 32]),
+    ("multiview", {"views": 4}, [32] * 4),
+    ("moco", {"views": 3}, [32] * 3),
+    ("dino", {"local_crops": 3}, [32, 32, 16, 16, 16]),
+    ("dino", {"local_crops": 2, "local_size": 12}, [32, 32, 12, 12]),
+])
+def test_view_shapes_per_method(method, kw, sizes):
+    recipes = build_views(method, 32, **kw)
+    assert [r.size for r in recipes] == sizes
+    ds = ViewDataset(EmbeddedShapes("train", size=8), recipes)
+    views, labels = next(iter(build_loader(ds, 4, ResumableSampler(8, 4))))
+    assert [tuple(v.shape) for v in views] == [(4, 3, s, s) for s in sizes] and labels.shape == (4,)
+
+
+def test_recipes_follow_the_official_strengths():
+    simclr = build_views("simclr", 224)[0]
+    assert simclr.scale == (0.08, 1.0) and (simclr.saturation, simclr.blur_p) == (0.4, 0.5)
+    assert build_views("simclr", 32)[0].scale == (0.25, 1.0)  # small images: crops keep the object
+    q, k = build_views("moco", 224)
+    assert (q.blur_p, q.solarize_p, k.blur_p, k.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    dino = build_views("dino", 224, local_crops=1)
+    assert dino[0].scale == (0.4, 1.0) and dino[2].size == 96 and dino[2].scale == (0.05, 0.4)
+
+
+def test_sampler_set_epoch_reaches_the_views_in_persistent_loader_workers():
+    ds = ViewDataset(EmbeddedShapes("train", size=8), build_views("simclr", 32), seed=1)
+    sampler = ResumableSampler(8, 8, shuffle=False)
+    loader = build_loader(ds, 8, sampler, num_workers=1)    # pairs the sampler with ds
+    first = None
+    for epoch in range(2):
+        sampler.set_epoch(epoch)                             # also sets ds's epoch
+        views, _ = next(iter(loader))
+        assert torch.equal(views[0], torch.stack([ds[i][0][0] for i in range(8)]))
+        first = views[0] if first is None else first
+    assert not torch.equal(first, views[0])
+
+
+def test_cifar_arrays_become_uint8_chw(monkeypatch):
+    class FakeCIFAR10:                                       # the attributes torchvision gives
+        def __init__(self, root, train, download):
+            self.data = np.zeros((5, 32, 32, 3), dtype=np.uint8)   # NHWC
+            self.data[..., 0] = 7
+            self.targets, self.classes = [0, 1, 2, 3, 4], list("abcde")
+    monkeypatch.setattr(data.torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    img, label = build_dataset("cifar10", root="unused")[3]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 3
+    assert img[0].eq(7).all() and img[1:].eq(0).all()
+
+
+def test_eval_transform_resizes_and_centre_crops():
+    t = eval_transform(32)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(data.MEAN)[:, None, None], torch.tensor(data.STD)[:, None, None]
+    assert torch.allclose(t(img), (img / 255 - mean) / std, atol=1e-6)  # 32² is only normalised
+    assert t(torch.zeros(3, 4, 4, dtype=torch.uint8)).shape == (3, 32, 32)
+    assert t(torch.zeros(3, 96, 120, dtype=torch.uint8)).shape == (3, 32, 32)
+    assert EvalDataset(EmbeddedShapes("val", size=2), 24)[0][0].shape == (3, 24, 24)
+
+
+# ===== the sampler =====
+
+def test_ranks_are_disjoint_and_cover_the_truncated_permutation():
+    n, B, W = 103, 5, 3                                     # 6 global batches of 15; 13 dropped
+    per_rank = []
+    for r in range(W):
+        s = ResumableSampler(n, B, seed=7, rank=r, world_size=W)
+        s.set_epoch(4)
+        per_rank.append(list(s))
+        assert len(per_rank[-1]) == len(s) == s.batches_per_epoch * B == 30
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7 + 4))[:90].tolist()
+    assert sorted(sum(per_rank, [])) == sorted(perm)
+    # Global batch j of W ranks is batch j of one process with batch W·B.
+    single = ResumableSampler(n, B * W, seed=7)
+    single.set_epoch(4)
+    assert list(single) == perm
+    for j in range(6):
+        step = sum((p[j * B:(j + 1) * B] for p in per_rank), [])
+        assert sorted(step) == sorted(perm[j * W * B:(j + 1) * W * B])
+
+
+def test_set_start_resumes_the_tail_of_the_same_epoch_and_epochs_differ():
+    s = ResumableSampler(64, 8, seed=1, rank=1, world_size=2)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_start(2)
+    assert list(s) == full[16:] and len(s) == 16
+    s.set_epoch(4)                                          # a new epoch starts from batch 0
+    assert len(list(s)) == 32 and list(s) != full
+    assert list(ResumableSampler(10, 5, shuffle=False)) == list(range(10))
+
+
+def test_a_resumed_loader_replays_the_rest_of_the_epoch_bit_for_bit():
+    ds = ViewDataset(EmbeddedShapes("train", size=16), build_views("simclr", 32), seed=2)
+    sampler = ResumableSampler(16, 4, seed=2)
+    loader = build_loader(ds, 4, sampler)
+    sampler.set_epoch(1)
+    full = [views for views, _ in loader]
+    sampler.set_epoch(1)                                    # "after the crash": batch 2 of epoch 1
+    sampler.set_start(2)
+    tail = [views for views, _ in loader]
+    assert len(tail) == 2
+    assert all(torch.equal(u, v) for a, b in zip(full[2:], tail) for u, v in zip(a, b))
+
+
+def test_sampler_errors_name_the_bad_values():
+    with pytest.raises(ValueError, match="n=10.*batch_size=4.*world_size=3"):
+        ResumableSampler(10, 4, world_size=3)
+    with pytest.raises(ValueError, match="rank"):
+        ResumableSampler(100, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"\[0, 2\].*got 5"):
+        ResumableSampler(16, 8).set_start(5)
+
+
+# ===== image folders =====
+
+def _write_tree(root):
+    """A tiny ImageNet-style tree with every kind of file a real one may hold."""
+    rng = np.random.default_rng(0)
+    a, b = root / "train" / "ant", root / "train" / "bee"
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    _save(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), a / "rgb.JPEG")
+    _save(rng.integers(0, 256, (9, 9), dtype=np.uint8), a / "gray.png")
+    _save(rng.integers(0, 256, (9, 9, 4), dtype=np.uint8), a / "rgba.png")
+    _save(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8), a / "pic.bmp")       # PIL decodes it
+    _save(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), b / "tiny.png")
+    _save(np.array([[0, 256, 32768, 65535]], dtype=np.uint16), b / "deep.png")  # mode "I;16"
+    good = b / "zz_good.jpg"
+    _save(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), good)
+    (b / "trunc.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # cut mid-scan
+    (b / "broken.png").write_bytes(b"definitely not a png" * 4)
+    (b / "notes.txt").write_text("not an image: ignored")
+
+
+def test_image_folder_decodes_every_mode_to_uint8_rgb(tmp_path):
+    _write_tree(tmp_path)
+    ds = build_dataset("folder", root=str(tmp_path), split="train")
+    assert ds.classes == ["ant", "bee"] and len(ds) == 9      # notes.txt is not an image
+    for i, (path, _) in enumerate(ds.samples):
+        if "trunc" not in path and "broken" not in path:
+            img, _ = ds[i]
+            assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3, path
+    deep = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("deep.png")][0]
+    # 16-bit values are rescaled, not wrapped: 256 → 1 (a wrap would give 0), 65535 → 255.
+    assert ds[deep][0][0, 0].tolist() == [0, 1, 128, 255]
+    tiny = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("tiny.png")][0]
+    assert ds[tiny][0].shape == (3, 4, 4)
+    views, _ = ViewDataset(ds, build_views("simclr", 32))[tiny]  # crops of tiny images upsample
+    assert views[0].shape == (3, 32, 32)
+    # A quick-run subset keeps evenly spaced files, so a class-sorted folder keeps every class.
+    assert build_dataset(str(tmp_path), size=3).labels.tolist() == [0, 1, 1]
+
+
+def test_unreadable_images_are_substituted_counted_and_warned(tmp_path):
+    _write_tree(tmp_path)
+    ds = ImageFolderDataset(str(tmp_path), "train")
+    paths = [p for p, _ in ds.samples]
+    for name in ("trunc.jpg", "broken.png"):
+        i = [k for k, p in enumerate(paths) if p.endswith(name)][0]
+        with pytest.warns(UserWarning, match=name):
+            img, label = ds[i]
+        assert img.dtype == torch.uint8 and label == 1
+    assert {os.path.basename(p) for p in ds.bad_files} == {"trunc.jpg", "broken.png"}
+
+
+def test_image_folder_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset("folder", root=str(tmp_path / "nope"))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no 'train/' folder.*'images'"):
+        build_dataset("folder", root=str(tmp_path))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class subfolders"):
+        build_dataset("folder", root=str(tmp_path))
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(FileNotFoundError, match="'.*cat' has no images"):
+        build_dataset(str(tmp_path))                        # a path as the name is a folder
+
+
+def test_unknown_names_and_offline_downloads_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="imagenet.*embedded.*cifar10"):
+        build_dataset("imagenet")
+    with pytest.raises(ValueError, match="byol.*simclr"):
+        build_views("byol", 32)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ".*--download"):
+        build_dataset("cifar10", root=str(tmp_path), download=False)
+    with pytest.raises(ValueError, match="unlabeled"):
+        build_dataset("stl10", root=str(tmp_path), split="extra")
