@@ -1,0 +1,533 @@
+"""Evaluation protocols of the paper's tables: NN (weighted k-NN), LP (linear probe), FT (fine-tune).
+
+Concern: turning a pre-trained backbone into the three numbers the paper reports for every
+run (§6.1; its tables read "NN | LP | FT"), all on the class token after the final norm:
+
+* **NN** — weighted k-NN of Wu et al. (2018) as run by DINO: cosine similarity to every
+  training feature, the k = 20 nearest vote for their class with weight exp(sim / T), T = 0.07.
+  No training at all, so it is also the cheap number train.py logs during pre-training.
+* **LP** — a linear classifier on frozen features, extracted once and cached.
+* **FT** — the whole backbone plus a linear head trained end to end.
+
+It loads our checkpoints and, through the timm / DINO / MoCo-v3 key layout of vit.py,
+published ones. Usage::
+
+    python eval.py runs/moco/last.pt                      # NN and LP (the default)
+    python eval.py runs/moco/last.pt --finetune --out results.json
+    python eval.py --random-init --model cpu --knn        # the "random init" row
+    python eval.py --pixel-knn                            # k-NN on raw pixels (a baseline)
+    python eval.py dino_deitsmall16_pretrain.pth --model small --data folder --data-root IN100
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import pickle
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import vit
+
+
+# ============================================================================== features
+def _loader(dataset, batch_size, num_workers=0, device="cpu", shuffle=False, generator=None):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                      drop_last=shuffle and len(dataset) > batch_size)
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA (as in training); full precision on CPU, where bf16 is slow."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device):
+    """Final-norm class tokens of every image of ``loader``: (feats (N, D) float32, labels (N,)).
+
+    The backbone must already be on ``device``; the features stay there. Evaluation mode
+    (no token dropout) for the pass; the backbone's training flag is restored afterwards, so
+    train.py can call this in the middle of pre-training.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for images, y in loader:
+            with _autocast(device):
+                f = backbone(images.to(device, non_blocking=True))   # (B, D)
+            feats.append(f.float())
+            labels.append(torch.as_tensor(y).to(device))
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+# =================================================================================== k-NN
+KNN_CHUNK_ENTRIES = 2 ** 26        # similarities held at once: 256 MB in float32
+
+
+@torch.no_grad()
+def knn_classify(train_feats, train_labels, test_feats, k=20, temperature=0.07, num_classes=None):
+    """Weighted k-NN predictions (N_test,) for ``test_feats`` (Wu et al. 2018; DINO's eval_knn).
+
+    For a test feature x, with s_i = cos(x, x_i) over the training features:
+        N(x) = the k indices of largest s_i,   score(c) = Σ_{i ∈ N(x), y_i = c} exp(s_i / T)
+    and the prediction is argmax_c score(c). The similarity matrix is built for a chunk of
+    test rows at a time (at most KNN_CHUNK_ENTRIES entries), so memory stays bounded for
+    ImageNet-sized banks.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    train = F.normalize(train_feats.float(), dim=1)                 # (N, D), unit rows
+    test = F.normalize(test_feats.float(), dim=1)                   # (M, D)
+    train_labels = train_labels.to(train.device).long()
+    C = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    k = min(k, train.shape[0])
+    chunk = max(1, KNN_CHUNK_ENTRIES // train.shape[0])
+    preds = []
+    for start in range(0, test.shape[0], chunk):
+        sims = test[start:start + chunk] @ train.T                   # (m, N) cosine similarities
+        top_sims, top_idx = sims.topk(k, dim=1)                      # (m, k)
+        weights = (top_sims / temperature).exp()                     # exp(s_i / T)
+        votes = torch.zeros(top_idx.shape[0], C, device=train.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)        # (m, C) class scores
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def _percent(preds, labels):
+    return 100.0 * (preds.cpu() == labels.cpu()).float().mean().item()
+
+
+def knn_accuracy(backbone, train_set, val_set, device, k=20, temperature=0.07, batch_size=256,
+                 num_workers=0):
+    """NN top-1 (%) of ``backbone`` (on ``device``): datasets give (normalised image, label)."""
+    train_feats, train_labels = extract_features(
+        backbone, _loader(train_set, batch_size, num_workers, device), device)
+    val_feats, val_labels = extract_features(
+        backbone, _loader(val_set, batch_size, num_workers, device), device)
+    preds = knn_classify(train_feats, train_labels, val_feats, k, temperature,
+                         num_classes=_num_classes(train_set, train_labels))
+    return _percent(preds, val_labels)
+
+
+def raw_pixel_knn(train_set, val_set, k=20, temperature=0.07):
+    """The same k-NN on flattened normalised pixels: what needs no learning at all.
+
+    The bar a learned representation has to clear: on the embedded dataset the nuisances
+    (position, size, colour, background) dominate pixel space, so it stays far below what
+    augmentation-invariant features reach. Holds N × 3·H·W floats: meant for small images."""
+    def pixels(ds):
+        xs, ys = zip(*[(x.flatten(1), torch.as_tensor(y)) for x, y in _loader(ds, 512)])
+        return torch.cat(xs).float(), torch.cat(ys).long()            # (N, 3·H·W), (N,)
+    (xtr, ytr), (xva, yva) = pixels(train_set), pixels(val_set)
+    preds = knn_classify(xtr, ytr, xva, k, temperature, num_classes=_num_classes(train_set, ytr))
+    return _percent(preds, yva)
+
+
+def _num_classes(dataset, labels):
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else int(labels.max()) + 1
+
+
+# ========================================================================== linear probe
+# The probe is a convex problem on CACHED features, so it costs seconds even for ImageNet-100.
+# Choices (DINO and MoCo-v3 probe with SGD + cosine LR and sweep the learning rate):
+# * features are standardised with the training set's mean and std, where MAE puts a
+#   BatchNorm without affine in front of the layer: the same normalisation, but with fixed
+#   statistics, so the probe is a plain convex problem and deterministic;
+# * zero-initialised weights, SGD momentum 0.9, no weight decay, batch 256, cosine LR;
+# * the LR is chosen on a held-out 10 % of the training set from PROBE_LRS, then the probe is
+#   retrained on all of it with that LR. Only the final run ever sees the validation set.
+PROBE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def _train_linear(x, y, num_classes, epochs, lr, weight_decay, batch_size, seed):
+    """SGD + cosine on (x, y); returns the trained layer. Shuffling drawn from ``seed`` only."""
+    layer = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total = epochs * steps_per_epoch
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(x), generator=g).to(x.device)
+        idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
+        for group in opt.param_groups:                                # cosine from lr to 0
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(layer(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return layer
+
+
+def _standardise(train_feats, *others):
+    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)   # (D,), (D,)
+    return [(f - mean) / std for f in (train_feats, *others)]
+
+
+@torch.no_grad()
+def _probe_accuracy(layer, x, y):
+    return _percent(layer(x).argmax(1), y)
+
+
+def select_probe_lr(train_feats, train_labels, lrs=PROBE_LRS, epochs=100, weight_decay=0.0,
+                    batch_size=256, seed=0, holdout=0.1):
+    """(best lr, {lr: held-out top-1 %}): each lr trained on 90 % of train, scored on 10 %."""
+    train_feats, train_labels = train_feats.float(), train_labels.long()
+    n = len(train_feats)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(train_feats.device)
+    n_hold = max(1, int(holdout * n))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    C = int(train_labels.max()) + 1
+    x_fit, x_hold = _standardise(train_feats[fit], train_feats[hold])
+    with torch.enable_grad():
+        scores = {lr: _probe_accuracy(_train_linear(x_fit, train_labels[fit], C, epochs, lr,
+                                                    weight_decay, batch_size, seed),
+                                      x_hold, train_labels[hold]) for lr in lrs}
+    return max(scores, key=scores.get), scores      # ties go to the first (smallest) lr
+
+
+def linear_probe(train_feats, train_labels, val_feats, val_labels, epochs=100, lr=None,
+                 weight_decay=0.0, batch_size=256, seed=0, num_classes=None):
+    """LP top-1 (%) of a linear layer on frozen, standardised features; deterministic given seed.
+
+    ``lr=None`` sweeps PROBE_LRS on a held-out part of the training set (select_probe_lr)."""
+    train_labels, val_labels = train_labels.long(), val_labels.long()
+    if lr is None:
+        lr, _ = select_probe_lr(train_feats, train_labels, epochs=epochs,
+                                weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    C = int(max(train_labels.max(), val_labels.max())) + 1 if num_classes is None else num_classes
+    x_train, x_val = _standardise(train_feats.float(), val_feats.float())
+    with torch.enable_grad():
+        layer = _train_linear(x_train, train_labels, C, epochs, lr, weight_decay, batch_size, seed)
+    return _probe_accuracy(layer, x_val, val_labels)
+
+
+# ============================================================================ fine-tuning
+def _augment(x, g):
+    """Random crop (reflect-pad by 1/8 of the side, crop back) and horizontal flip, per sample."""
+    B, _, H, W = x.shape                                             # normalised (B, 3, H, W)
+    pad = max(1, H // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")          # (B, 3, H+2p, W+2p)
+    top = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
+    left = torch.randint(0, 2 * pad + 1, (B,), generator=g).tolist()
+    flip = (torch.rand(B, generator=g) < 0.5).tolist()
+    out = [padded[b, :, top[b]:top[b] + H, left[b]:left[b] + W] for b in range(B)]
+    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flip)])
+
+
+def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e-4, batch_size=128,
+             weight_decay=0.05, augment=True, warmup_epochs=1, seed=0, num_workers=0):
+    """FT top-1 (%): a copy of ``backbone`` + a linear head, trained end to end; the original
+    backbone is untouched.
+
+    Recipe (a short DeiT / MAE-style one, without mixup, drop-path or layer-wise LR decay):
+    AdamW, linear warm-up for ``warmup_epochs`` then cosine to 0, weight decay on matrices only
+    (not on biases, norms, the class token or position embedding), bf16 autocast on CUDA.
+    The number reported is the validation top-1 after the last epoch (no early stopping on the
+    validation set)."""
+    encoder = copy.deepcopy(backbone).to(device).train()
+    head = nn.Linear(encoder.dim, num_classes).to(device)
+    nn.init.zeros_(head.weight)                # zero head: the first steps do not disturb the
+    nn.init.zeros_(head.bias)                  # pre-trained features with random gradients
+    named = [(n, p) for m in (encoder, head) for n, p in m.named_parameters()]
+    no_wd = lambda n, p: p.ndim < 2 or n in ("cls_token", "pos_embed")  # biases, norms, tokens
+    decay = [p for n, p in named if not no_wd(n, p)]
+    no_decay = [p for n, p in named if no_wd(n, p)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    loader = _loader(train_set, batch_size, num_workers, device, shuffle=True, generator=g)
+    total, warm = epochs * len(loader), warmup_epochs * len(loader)
+    step = 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            t = (step + 1) / warm if step < warm else \
+                0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            for group in opt.param_groups:
+                group["lr"] = lr * t
+            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            if augment:
+                images = _augment(images, g)
+            with _autocast(device):
+                loss = F.cross_entropy(head(encoder(images)).float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    feats, labels = extract_features(encoder, _loader(val_set, batch_size, num_workers, device),
+                                     device)
+    with torch.no_grad():
+        return _percent(head(feats).argmax(1), labels)
+
+
+# ============================================================================ checkpoints
+def _torch_load(path):
+    """torch.load without running arbitrary code when possible: weights_only=True, allowing
+    DINO's argparse.Namespace and the numpy RNG state train.py saves. Files that need full
+    unpickling load with a warning."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+               core.multiarray._reconstruct]
+    safe = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with safe(allowed) if safe else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        warnings.warn(f"{path}: not loadable with weights_only=True ({str(err)[:120]}...); "
+                      "unpickling it fully — do this only for files you trust")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from err
+
+
+def _target_backbone(ckpt, path):
+    """The momentum-encoder / teacher backbone of one of our checkpoints."""
+    if isinstance(ckpt.get("target_backbone"), dict):
+        return ckpt["target_backbone"]
+    for value in ckpt.values():                # a saved method state dict (losses.py names)
+        if not isinstance(value, dict):
+            continue
+        keys = {k.removeprefix("module."): v for k, v in value.items() if isinstance(k, str)}
+        for prefix in ("momentum_encoder.backbone.", "teacher.backbone."):
+            sd = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+            if sd:
+                return sd
+    raise ValueError(f"{path} holds no target (momentum / teacher) backbone; use --branch online")
+
+
+def check_state_dict(model, state_dict):
+    """Raise a ValueError listing every missing / unexpected key and shape mismatch, if any."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(want))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state_dict))
+              if tuple(state_dict[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint does not match the model {model.config()}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatch", shapes)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
+                             + (", ..." if len(items) > 12 else ""))
+        lines.append("  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)")
+        raise ValueError("\n".join(lines))
+
+
+def load_backbone(path, model=None, img_size=None, branch="online"):
+    """(backbone, info) from one of our checkpoints or any checkpoint in the interop layout.
+
+    Ours carry ``vit_config``, so the ViT is rebuilt from it and ``model`` / ``img_size`` are
+    not needed. Others (timm, DINO, MoCo-v3) carry only weights: ``model`` (a preset name of
+    vit.PRESETS, or a dict of ViT kwargs) builds the ViT, with ``img_size`` overriding the
+    preset's. The load is strict: any mismatch raises, listing the offending keys and shapes.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    if "vit_config" in ckpt:                                          # written by train.py
+        backbone = vit.ViT(**ckpt["vit_config"])
+        sd = ckpt["backbone"] if branch == "online" else _target_backbone(ckpt, path)
+        fmt = "accel-ssl"
+    else:
+        if model is None:
+            raise ValueError(f"{path} has no 'vit_config' (not written by train.py): give the "
+                             f"architecture with --model ({', '.join(vit.PRESETS)}) and, if it "
+                             "differs from the preset's, --img-size")
+        cfg = dict(model) if isinstance(model, dict) else None
+        if cfg is not None and img_size is not None:
+            cfg["img_size"] = img_size
+        overrides = {} if img_size is None else {"img_size": img_size}
+        backbone = vit.ViT(**cfg) if cfg is not None else vit.build_vit(model, **overrides)
+        sd = vit.backbone_state_dict(ckpt, branch)
+        fmt = "interop"
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    check_state_dict(backbone, sd)
+    backbone.load_state_dict(sd, strict=True)
+    args = ckpt.get("args")
+    info = dict(path=path, format=fmt, branch=branch, config=backbone.config(),
+                args=vars(args) if isinstance(args, argparse.Namespace) else args)
+    return backbone, info
+
+
+# ==================================================================================== CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="NN / LP / FT evaluation of a backbone (paper §6.1). With no protocol flag "
+                    "it runs --knn --linear; fine-tuning trains the whole network, so it runs "
+                    "only when asked.")
+    p.add_argument("checkpoint", nargs="?", help="our checkpoint, or a timm / DINO / MoCo-v3 one")
+    p.add_argument("--knn", action="store_true", help="NN: weighted k-NN on frozen features")
+    p.add_argument("--linear", action="store_true", help="LP: linear probe on frozen features")
+    p.add_argument("--finetune", action="store_true", help="FT: full fine-tuning (slow)")
+    p.add_argument("--pixel-knn", action="store_true",
+                   help="k-NN on raw normalised pixels, a baseline that needs no backbone")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate a freshly initialised ViT (of --model, or of the checkpoint's "
+                        "architecture) instead of trained weights")
+    p.add_argument("--model", help=f"ViT preset ({', '.join(vit.PRESETS)}) for checkpoints "
+                                   "without 'vit_config' and for --random-init")
+    p.add_argument("--branch", default="online", choices=("online", "target"),
+                   help="online (student / base encoder) or target (teacher / momentum) weights")
+    p.add_argument("--data", help="embedded, cifar10, cifar100, stl10, folder "
+                                  "(default: the checkpoint's training data, else embedded)")
+    p.add_argument("--data-root", help="dataset directory (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets")
+    p.add_argument("--img-size", type=int, help="image size (default: the checkpoint's training "
+                                                "size); also builds --model for interop checkpoints")
+    p.add_argument("--k", type=int, default=20, help="neighbours; 20 as in Wu et al. and DINO")
+    p.add_argument("--temperature", type=float, default=0.07,
+                   help="k-NN vote temperature; 0.07 as in Wu et al. and DINO")
+    p.add_argument("--lp-epochs", type=int, default=100, help="linear-probe epochs (cheap: "
+                                                              "cached features)")
+    p.add_argument("--lp-lr", type=float, help=f"probe LR (default: best of {PROBE_LRS} on a "
+                                               "held-out 10%% of train)")
+    p.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs")
+    p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning peak AdamW LR")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="for feature extraction, the probe and fine-tuning")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init, probe, FT")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", help="write the results as JSON to this file")
+    # Caps both splits to N images (build_dataset's size): smoke tests, not reported numbers.
+    p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not (args.knn or args.linear or args.finetune or args.pixel_knn):
+        args.knn = args.linear = True
+    needs_backbone = args.knn or args.linear or args.finetune
+    if needs_backbone and args.checkpoint is None and not args.random_init:
+        p.error("give a checkpoint path, or --random-init with --model")
+    if args.random_init and args.checkpoint is None and args.model is None:
+        p.error("--random-init without a checkpoint needs --model "
+                f"({', '.join(vit.PRESETS)})")
+    if args.model is not None and args.model.removeprefix("vit_") not in vit.PRESETS:
+        p.error(f"unknown --model {args.model!r}; allowed: {', '.join(vit.PRESETS)}")
+    for name in ("k", "lp_epochs", "ft_epochs", "batch_size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.out is not None and os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a directory; give a file name such as results.json")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+
+    # ===== backbone =====
+    backbone, info = None, dict(path=args.checkpoint, args=None)
+    try:
+        if args.checkpoint is not None:
+            backbone, info = load_backbone(args.checkpoint, args.model, args.img_size, args.branch)
+        if args.random_init:
+            config = info.get("config") or vit.build_vit(
+                args.model, **({} if args.img_size is None else {"img_size": args.img_size})).config()
+            torch.manual_seed(args.seed)
+            backbone, info = vit.ViT(**config), {**info, "format": "random-init", "config": config}
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError,
+            EOFError) as err:
+        raise SystemExit(f"eval.py: error: {err}")
+
+    # ===== data: defaults from the checkpoint's training arguments =====
+    import data                                  # only the CLI needs datasets (and torchvision)
+    train_args = info.get("args") or {}
+    name = args.data or train_args.get("data") or "embedded"
+    root = args.data_root or train_args.get("data_root")
+    img_size = args.img_size or train_args.get("img_size") or (
+        backbone.img_size if backbone is not None else 32)
+    # The seed and training-set size of the run, so NN reproduces the k-NN train.py logged.
+    same = name == train_args.get("data")
+    sizes = dict(train=args.limit or (train_args.get("data_size") if same else None),
+                 val=args.limit)
+    try:
+        bases = [data.build_dataset(name, root=root, split=s, img_size=img_size,
+                                    download=args.download, seed=train_args.get("seed", 0),
+                                    size=sizes[s]) for s in ("train", "val")]
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"eval.py: error: dataset {name!r}: {err}")
+    num_classes = len(bases[0].classes)
+    train_set, val_set = [data.EvalDataset(b, img_size) for b in bases]
+    print(f"{info.get('format', 'pixels')} {info.get('path') or ''}".strip() + f" | {name}: "
+          f"{len(train_set)} train / {len(val_set)} val, {num_classes} classes, {img_size} px, "
+          f"{device}", flush=True)
+
+    # ===== protocols =====
+    results, table = dict(checkpoint=args.checkpoint, format=info.get("format"),
+                          branch=args.branch, config=info.get("config"), data=name,
+                          img_size=img_size, n_train=len(train_set), n_val=len(val_set)), []
+    start = time.time()
+    if args.pixel_knn:
+        acc = raw_pixel_knn(train_set, val_set, args.k, args.temperature)
+        results["pixel_knn"] = dict(top1=acc, k=args.k, temperature=args.temperature,
+                                    seconds=round(time.time() - start, 1))
+        table.append(f"PX {acc:.1f}")
+    if args.knn or args.linear:
+        backbone.to(device)
+        feats = [extract_features(backbone, _loader(ds, args.batch_size, args.num_workers, device),
+                                  device) for ds in (train_set, val_set)]
+        (train_feats, train_labels), (val_feats, val_labels) = feats
+        results["feature_seconds"] = round(time.time() - start, 1)
+    if args.knn:
+        start = time.time()
+        preds = knn_classify(train_feats, train_labels, val_feats, args.k, args.temperature,
+                             num_classes)
+        acc = _percent(preds, val_labels)
+        results["knn"] = dict(top1=acc, k=args.k, temperature=args.temperature,
+                              seconds=round(time.time() - start, 1))
+        table.append(f"NN {acc:.1f}")
+    if args.linear:
+        start, lr, sweep = time.time(), args.lp_lr, None
+        if lr is None:
+            lr, sweep = select_probe_lr(train_feats, train_labels, epochs=args.lp_epochs,
+                                        batch_size=args.batch_size, seed=args.seed)
+        acc = linear_probe(train_feats, train_labels, val_feats, val_labels, args.lp_epochs, lr,
+                           batch_size=args.batch_size, seed=args.seed, num_classes=num_classes)
+        results["linear"] = dict(top1=acc, lr=lr, epochs=args.lp_epochs,
+                                 heldout_sweep={str(k): v for k, v in (sweep or {}).items()},
+                                 seconds=round(time.time() - start, 1))
+        table.append(f"LP {acc:.1f}")
+    if args.finetune:
+        start = time.time()
+        acc = finetune(backbone, train_set, val_set, num_classes, device, epochs=args.ft_epochs,
+                       lr=args.ft_lr, batch_size=args.batch_size, seed=args.seed,
+                       num_workers=args.num_workers)
+        results["finetune"] = dict(top1=acc, lr=args.ft_lr, epochs=args.ft_epochs,
+                                   seconds=round(time.time() - start, 1))
+        table.append(f"FT {acc:.1f}")
+
+    print(" | ".join(table))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
