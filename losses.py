@@ -434,6 +434,20 @@ class DINO(nn.Module):
 METHODS = {"simclr": SimCLR, "moco": MoCoV3, "dino": DINO}
 
 
+def head_sizes(name, dim):
+    """Projector / head sizes: the official ones for ViT-S/B; for a narrow backbone (the CPU
+    preset) heads sized to it, since a 4096-wide MLP would cost more than the ViT itself."""
+    small = dim < 256
+    if name == "simclr":
+        return dict(proj_dim=128, hidden_dim=512 if small else 2048)
+    if name == "moco":
+        return dict(proj_dim=128 if small else 256, hidden_dim=512 if small else 4096)
+    if name == "dino":
+        return dict(out_dim=1024 if small else 65536, hidden_dim=512 if small else 2048,
+                    bottleneck_dim=128 if small else 256)
+    raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+
+
 def build_method(name, backbone, **kwargs):
     """``build_method("moco", vit, proj_dim=256)`` → MoCoV3(vit, proj_dim=256)."""
     if name not in METHODS:

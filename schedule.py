@@ -16,6 +16,28 @@ steps would end too early or too late.
                   {"start": 0.5,  "strategy": "q:drop=0.75"},
                   {"start": 0.75, "strategy": "none"}]}
 
+* **Gradient-error analysis** (§5, Fig. 4) — the paper's central tool. A compressed step
+  estimates the gradient of the *uncompressed* objective; how well, per unit of compute?
+  At a checkpoint θ and batch size b:
+
+      g*      = mean of K_ref uncompressed mini-batch gradients    (the reference)
+      ḡ_s     = mean of K mini-batch gradients under strategy s    (fresh views, fresh dropout)
+      σ_s²    = Σ_k ‖g_{s,k} − ḡ_s‖² / (K − 1)                     (per-batch variance)
+      bias²   = ‖ḡ_s − g*‖² − σ_s²/K − σ_0²/K_ref                  (finite-sample corrected, ≥ 0)
+      CA-var  = σ_s² · c_s / c_0      (for a fixed budget, s affords c_0/c_s times more samples)
+      CA-MSE  = bias² + CA-var,       all three reported relative to ‖g*‖².
+
+  Early in training, gradients are large and noisy: the variance term dominates and cheap,
+  aggressive compression wins. As training converges, the bias of a compressed gradient
+  becomes the larger error and milder compression wins. ``build`` turns probes at several
+  stages into a stage schedule by argmin CA-MSE.
+
+CLI::
+
+    python schedule.py probe --ckpt runs/simclr/ckpt_25.pt --grid "drop=0,0.5,0.75,0.9 patch=4,6,8"
+    python schedule.py build probe_0.json probe_25.json probe_50.json probe_75.json --out sched.json
+    python schedule.py lr --out lr.png                     # cosine vs polynomial (Fig. 6)
+
 Usage::
 
     from schedule import learning_rate, StageSchedule
@@ -23,11 +45,17 @@ Usage::
     sched = StageSchedule.parse("q:drop=0.75")                     # a constant strategy
     sched.at(0.3)                                                   # Strategy(q=drop 0.75)
 """
+import argparse
+import itertools
 import json
 import math
 import os
+import sys
+import time
 
-from compress import Strategy
+import torch
+
+from compress import NONE, CostModel, Strategy, ViewCompression
 
 LR_SCHEDULES = ("cosine", "poly")
 
@@ -123,3 +151,262 @@ class StageSchedule:
                 raise ValueError(f"--accel {text!r}: no such schedule file")
             return cls.load(text)
         return cls([(0.0, Strategy.parse(text))])
+
+
+# ============================================================ gradient-error analysis
+def parse_grid(text, base_patch):
+    """'drop=0,0.5,0.9 patch=16,32 roles=paper,q' → list of Strategies (the product).
+
+    roles: "paper" (default) — token dropout on the query only (asymmetric), patch scaling on
+    both roles (symmetric), as in the paper; "q" — both on the query only; "qk" — both on both.
+    """
+    fields = {"drop": [0.0], "patch": [base_patch], "roles": ["paper"]}
+    for part in text.split():
+        key, eq, values = part.partition("=")
+        if key not in fields or not eq or not values:
+            raise ValueError(f"bad grid field {part!r} in {text!r}: expected drop=…, patch=… or "
+                             "roles=… with comma-separated values")
+        items = [v for v in values.split(",") if v]
+        try:
+            fields[key] = ([float(v) for v in items] if key == "drop" else
+                           [int(v) for v in items] if key == "patch" else items)
+        except ValueError:
+            raise ValueError(f"grid field {key}: {values!r} is not a list of "
+                             f"{'numbers' if key == 'drop' else 'integers'}") from None
+    for d in fields["drop"]:
+        if not 0.0 <= d < 1.0:
+            raise ValueError(f"grid field drop: {d} must be in [0, 1)")
+    for p in fields["patch"]:
+        if p < 1:
+            raise ValueError(f"grid field patch: {p} must be ≥ 1")
+    for r in fields["roles"]:
+        if r not in ("paper", "q", "qk"):
+            raise ValueError(f"grid field roles: {r!r}; allowed: paper, q, qk")
+    out = []
+    for drop, patch, roles in itertools.product(fields["drop"], fields["patch"], fields["roles"]):
+        p = None if patch == base_patch else patch
+        q = ViewCompression(drop, p)
+        k = ViewCompression(drop if roles == "qk" else 0.0, p if roles in ("paper", "qk") else None)
+        s = Strategy(q, k)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+class RunningGradientStats:
+    """Mean and total variance of a stream of gradient vectors, one vector in memory.
+
+    Welford's update, summed over coordinates: with δ = g_k − mean_{k−1},
+    mean_k = mean_{k−1} + δ/k and M2 += ⟨δ, g_k − mean_k⟩, so that M2 = Σ_k ‖g_k − ḡ‖² at the
+    end without storing the K gradients (float64: the variance can be tiny next to ‖ḡ‖²).
+    """
+
+    def __init__(self):
+        self.k, self.mean, self.m2 = 0, None, 0.0
+
+    def add(self, g):
+        g = g.double()
+        self.k += 1
+        if self.mean is None:
+            self.mean = g.clone()
+            return
+        delta = g - self.mean
+        self.mean += delta / self.k
+        self.m2 += float(delta @ (g - self.mean))
+
+    @property
+    def variance(self):
+        """σ² = Σ_k ‖g_k − ḡ‖² / (K − 1), the per-batch variance (trace of the covariance)."""
+        return self.m2 / (self.k - 1)
+
+
+def error_terms(mean_s, var_s, k, ref_mean, ref_var, k_ref, cost_ratio):
+    """bias², cost-adjusted variance and CA-MSE, relative to ‖g*‖² (see the module docstring)."""
+    ref2 = float(ref_mean @ ref_mean)
+    diff = mean_s - ref_mean
+    # E‖ḡ_s − g*‖² = bias² + σ_s²/K + σ_0²/K_ref for independent estimates: subtract the noise.
+    bias2 = max(float(diff @ diff) - var_s / k - ref_var / k_ref, 0.0)
+    ca_var = var_s * cost_ratio
+    return dict(bias2=bias2 / ref2, ca_var=ca_var / ref2, ca_mse=(bias2 + ca_var) / ref2,
+                var=var_s / ref2)
+
+
+def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches=8,
+          ref_batches=8, batch_size=64, seed=0, local_crops=0, local_size=None, log=print):
+    """Gradient-error analysis of ``strategies`` at the current weights of ``method``.
+
+    view_set: a data.ViewDataset (its epochs are used as fresh-augmentation draws: the
+    reference uses epochs 1_000_000 + i, strategy batch k uses 2_000_000 + k, so the
+    reference is independent of the estimates, and all strategies share their K batches —
+    common random numbers make the comparison between strategies less noisy).
+    Weights and buffers (BatchNorm statistics, DINO centre) are restored afterwards and the
+    global RNG is left untouched. Returns a dict with one row per strategy.
+    """
+    params = [p for p in method.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in method.state_dict().items() if "running" in k or "num_batches" in k or k.endswith("center")}
+    device = params[0].device
+    was_training = method.training
+    method.train()
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(epoch):
+        view_set.set_epoch(epoch)
+        idx = torch.randint(len(view_set), (batch_size,), generator=g).tolist()
+        items = [view_set[i][0] for i in idx]
+        return [torch.stack(v).to(device) for v in zip(*items)]        # views × (b, 3, s, s)
+
+    def gradient(views, strategy):
+        method.zero_grad(set_to_none=True)
+        loss, _ = method(views, strategy, progress)
+        loss.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
+        method.load_state_dict(buffers, strict=False)                   # undo BN / centre updates
+        return grad
+
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)                                         # dropout subsets
+        ref = RunningGradientStats()
+        for i in range(ref_batches):
+            ref.add(gradient(batch(1_000_000 + i), NONE))
+        stats = [RunningGradientStats() for _ in strategies]
+        for k in range(batches):
+            views = batch(2_000_000 + k)
+            for s, st in zip(strategies, stats):
+                st.add(gradient(views, s))
+    method.zero_grad(set_to_none=True)
+    method.train(was_training)
+    c0 = cost.sample_units(method_name, NONE, local_crops=local_crops, local_size=local_size)
+    rows = []
+    for s, st in zip(strategies, stats):
+        cs = cost.sample_units(method_name, s, local_crops=local_crops, local_size=local_size)
+        rows.append(dict(strategy=str(s), drop=s.q.drop, patch=s.q.patch_size, units=cs,
+                         **error_terms(st.mean, st.variance, batches, ref.mean, ref.variance,
+                                       ref_batches, cs / c0)))
+    # What the probe itself cost, in units: every gradient is a training step's forward+backward.
+    spent = batch_size * (ref_batches * c0 + batches * sum(r["units"] for r in rows))
+    return dict(progress=progress, batch_size=batch_size, batches=batches, ref_batches=ref_batches,
+                ref_norm2=float(ref.mean @ ref.mean), ref_var=ref.variance, units_spent=spent,
+                seconds=time.time() - t0, rows=rows)
+
+
+def best_strategy(result):
+    return min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]
+
+
+def print_table(result, out=sys.stdout):
+    print(f"progress {result['progress']:.0%} | batch {result['batch_size']} | K={result['batches']} "
+          f"K_ref={result['ref_batches']} | ‖g*‖² = {result['ref_norm2']:.3e} | "
+          f"{result['seconds']:.0f} s, {result['units_spent']:,.0f} units", file=out)
+    print(f"{'strategy':<28} {'units':>6} {'bias²':>9} {'CA-var':>9} {'CA-MSE':>9}", file=out)
+    for r in sorted(result["rows"], key=lambda r: r["ca_mse"]):
+        print(f"{r['strategy']:<28} {r['units']:6.2f} {r['bias2']:9.4f} {r['ca_var']:9.4f} "
+              f"{r['ca_mse']:9.4f}", file=out)
+
+
+def build_schedule(results):
+    """Stage schedule from probes at several progress points: argmin CA-MSE for each stage."""
+    results = sorted(results, key=lambda r: r["progress"])
+    stages = [(0.0 if i == 0 else r["progress"], Strategy.parse(best_strategy(r)))
+              for i, r in enumerate(results)]
+    merged = [stages[0]]                       # consecutive stages with one strategy: one stage
+    for start, s in stages[1:]:
+        if s != merged[-1][1]:
+            merged.append((start, s))
+    return StageSchedule(merged)
+
+
+# ================================================================================ CLI
+def _probe_checkpoint(args):
+    import data
+    import losses
+    import vit
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"error: --ckpt {args.ckpt}: no such checkpoint")
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    if "method" not in ckpt or "vit_config" not in ckpt:
+        raise SystemExit(f"error: {args.ckpt} is not a train.py checkpoint (no 'method'/'vit_config')")
+    targs = ckpt["args"]
+    backbone = vit.ViT(**ckpt["vit_config"])
+    method = losses.build_method(targs["method"], backbone, **ckpt["method_kwargs"])
+    method.load_state_dict(ckpt["method"])
+    try:
+        strategies = parse_grid(args.grid, backbone.patch_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --grid: {e}")
+    local = targs.get("local_crops", 0) if targs["method"] == "dino" else 0
+    base = data.build_dataset(targs["data"], targs.get("data_root"), "train", backbone.img_size,
+                              seed=targs["seed"], size=targs.get("data_size"))
+    recipes = data.build_views(targs["method"], backbone.img_size, local_crops=local)
+    cost = CostModel(backbone, targs.get("cost", "flops"))
+    progress = ckpt["state"]["spent"] / targs["budget"]
+    result = probe(method, data.ViewDataset(base, recipes, seed=targs["seed"]), strategies,
+                   targs["method"], cost, progress, args.batches, args.ref_batches,
+                   args.batch_size, args.seed, local, recipes[-1].size if local else None)
+    result["ckpt"] = args.ckpt
+    print_table(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Gradient-error analysis and stage schedules (paper §5).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe", help="bias², cost-adjusted variance and CA-MSE at a checkpoint")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. runs/simclr/ckpt_25.pt")
+    p.add_argument("--grid", default="drop=0,0.25,0.5,0.75 patch=4,6,8",
+                   help="strategies: drop=…, patch=…, roles=paper|q|qk (product of the lists)")
+    p.add_argument("--batches", type=int, default=8, help="K gradients per strategy")
+    p.add_argument("--ref-batches", type=int, default=8, help="K_ref uncompressed gradients for g*")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result as JSON")
+    b = sub.add_parser("build", help="stage schedule = argmin CA-MSE of each probe")
+    b.add_argument("probes", nargs="+", help="probe JSON files, one per stage")
+    b.add_argument("--out", required=True)
+    lr = sub.add_parser("lr", help="cosine vs polynomial learning rate (Fig. 6)")
+    lr.add_argument("--warmup", type=float, default=0.05)
+    lr.add_argument("--out", default=None, help="PNG path (needs matplotlib)")
+    args = ap.parse_args(argv)
+    if args.cmd == "probe":
+        if args.batches < 2 or args.ref_batches < 2:
+            ap.error("--batches and --ref-batches must be ≥ 2 (a variance needs two samples)")
+        _probe_checkpoint(args)
+    elif args.cmd == "build":
+        results = []
+        for path in args.probes:
+            try:
+                with open(path) as f:
+                    r = json.load(f)
+                r["rows"], r["progress"]                       # noqa: B018  (fields it needs)
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                ap.error(f"{path}: not a probe result ({type(e).__name__}: {e})")
+            results.append(r)
+        sched = build_schedule(results)
+        sched.save(args.out)
+        print(f"schedule: {sched} → {args.out}")
+    else:
+        ts = [i / 100 for i in range(101)]
+        print("progress  cosine    poly(α=2)")
+        for t in ts[::10]:
+            print(f"{t:8.2f}  {learning_rate(t, 1, args.warmup):.4f}    "
+                  f"{learning_rate(t, 1, args.warmup, 'poly'):.4f}")
+        if args.out:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            plt.figure(figsize=(5, 3))
+            for kind in LR_SCHEDULES:
+                plt.plot(ts, [learning_rate(t, 1, args.warmup, kind) for t in ts], label=kind)
+            plt.xlabel("progress (budget spent / budget)")
+            plt.ylabel("lr / peak lr")
+            plt.legend()
+            plt.tight_layout()
+            plt.savefig(args.out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
