@@ -21,11 +21,9 @@ Usage::
     import torch, vit
     model = vit.build_vit("cpu")                     # 32 px images, 4 px patches
     x = torch.randn(8, 3, 32, 32)
-    feats = model(x)                                 # (8, 128) class token, after the norm
+    feats = model(x)                                 # (8, 64) class token, after the norm
     fast = model(x, patch_size=8, drop=0.5)          # 16 patches, 8 of them kept
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +36,7 @@ PRESETS = {
     "tiny": dict(img_size=224, patch_size=16, dim=192, depth=12, heads=3),
     "small": dict(img_size=224, patch_size=16, dim=384, depth=12, heads=6),
     "base": dict(img_size=224, patch_size=16, dim=768, depth=12, heads=12),
-    "cpu": dict(img_size=32, patch_size=4, dim=128, depth=4, heads=4),
+    "cpu": dict(img_size=32, patch_size=4, dim=64, depth=4, heads=4),
 }
 
 

@@ -1,0 +1,172 @@
+"""Claims of compress.py: the Strategy CLI form and its round trips, the error messages, and
+the cost model (the paper's unit counts, the FLOP formula against a direct count, monotone
+savings, the measured mode)."""
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E401,E402,E702
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import compress
+import vit
+from compress import CostModel, Strategy, ViewCompression
+
+
+# ====================================================================== strategy
+STRINGS = ["none", "q:drop=0.75", "q:drop=0.5,patch=24;k:patch=24", "qk:patch=32",
+           "k:drop=0.25", "q:patch=20;k:drop=0.5", "qk:drop=0.9,patch=48", "q:drop=0.123456789"]
+
+
+@pytest.mark.parametrize("text", STRINGS)
+def test_strategy_survives_str_and_dict_round_trips(text):
+    s = Strategy.parse(text)
+    assert Strategy.parse(str(s)) == s
+    assert Strategy.from_dict(s.to_dict()) == s
+    assert Strategy.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_strategy_parse_reads_the_documented_forms():
+    assert Strategy.parse("none") == Strategy.parse("") == Strategy.parse("baseline") == Strategy()
+    assert str(Strategy()) == "none"
+    assert Strategy.parse("q:drop=0.75") == Strategy(q=ViewCompression(drop=0.75))
+    assert str(Strategy.parse(" q:drop=0.75 ")) == "q:drop=0.75"
+    both = Strategy.parse("qk:patch=32")
+    assert both == Strategy(q=ViewCompression(patch_size=32), k=ViewCompression(patch_size=32))
+    assert str(both) == "q:patch=32;k:patch=32"
+    mixed = Strategy.parse("q:drop=0.5,patch=24;k:patch=24")
+    assert (mixed.q.drop, mixed.q.patch_size, mixed.k.drop, mixed.k.patch_size) == (0.5, 24, 0.0, 24)
+
+
+@pytest.mark.parametrize("text, offending", [
+    ("x:drop=0.5", "x:drop=0.5"),              # unknown role
+    ("drop=0.5", "drop=0.5"),                  # no role at all
+    ("q:speed=2", "speed"),                    # unknown key
+    ("q:drop", "drop"),                        # missing '='
+    ("q:drop0.5", "drop0.5"),                  # missing '=' (read as an unknown key)
+    ("q:drop=abc", "drop=abc"),                # non-numeric
+    ("q:patch=1.5", "patch=1.5"),              # patch must be an integer
+    ("q:drop=1", "drop=1"),                    # drop ≥ 1
+    ("q:drop=1.5", "drop=1.5"),
+    ("q:drop=-0.1", "drop=-0.1"),
+    ("k:patch=0", "patch=0"),                  # patch 0
+])
+def test_malformed_strategy_strings_are_rejected_naming_the_bad_part(text, offending):
+    with pytest.raises(ValueError) as err:
+        Strategy.parse(text)
+    assert offending in str(err.value)
+
+
+def test_view_compression_rejects_out_of_range_values():
+    with pytest.raises(ValueError, match=r"drop 1.0 .*\[0, 1\)"):
+        ViewCompression(drop=1.0)
+    with pytest.raises(ValueError, match="patch 0"):
+        ViewCompression(patch_size=0)
+    with pytest.raises(ValueError, match="42"):
+        Strategy.parse(42)
+
+
+def test_token_dropout_is_the_one_in_vit():
+    assert compress.token_dropout is vit.token_dropout
+
+
+# ==================================================================== cost model
+@pytest.fixture(scope="module")
+def vit_base_cost():
+    # flops mode never runs the model, so ViT-B costs nothing but its construction;
+    # build it on the meta device to skip allocating 86M parameters.
+    with torch.device("meta"):
+        model = vit.build_vit("base")
+    return CostModel(model)
+
+
+def test_uncompressed_sample_costs_match_the_paper(vit_base_cost):
+    c = vit_base_cost
+    assert c.sample_units("moco") == 8                       # 2 views × (3 online + 1 momentum)
+    assert c.sample_units("moco", symmetric=False) == 4      # 3 + 1
+    assert c.sample_units("simclr") == 6                     # 2 views × 3
+    assert c.sample_units("dino") == 8                       # 2 globals × (3 + 1)
+    assert c.sample_units("dino", Strategy.parse("none")) == 8
+
+
+@pytest.mark.parametrize("local_crops, local_size", [(2, 96), (6, 96), (10, 112)])
+def test_each_dino_local_crop_adds_three_forwards_of_its_length(vit_base_cost, local_crops,
+                                                                local_size):
+    c, m = vit_base_cost, vit_base_cost.model
+    f_local = compress.forward_flops(m, img_size=local_size) / compress.forward_flops(m)
+    got = c.sample_units("dino", local_crops=local_crops, local_size=local_size)
+    assert got == pytest.approx(8 + local_crops * 3 * f_local, rel=1e-12)
+    assert f_local < 0.25          # 6×6 (or 7×7) tokens against 14×14
+
+
+def test_asymmetric_dropout_compresses_only_the_query_view(vit_base_cost):
+    c, m = vit_base_cost, vit_base_cost.model
+    rel = compress.forward_flops(m, drop=0.75) / compress.forward_flops(m)
+    assert c.sample_units("moco", Strategy.parse("q:drop=0.75")) == pytest.approx(2 * (3 * rel + 1))
+    assert c.sample_units("simclr", Strategy.parse("qk:drop=0.75")) == pytest.approx(6 * rel)
+
+
+@pytest.mark.parametrize("L, D", [(1, 8), (17, 64), (197, 192)])
+def test_block_flops_equals_a_direct_count_of_one_block(L, D):
+    block = vit.Block(D, heads=4 if D % 4 == 0 else 1, mlp_ratio=4.0)
+    # the math backend spells attention as two matmuls, which the counter sees
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        block(torch.randn(1, L, D))
+    assert counter.get_total_flops() == compress.block_flops(L, D) == 24 * L * D * D + 4 * L * L * D
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5, 0.9])
+def test_forward_flops_equals_a_direct_count_of_the_model(drop):
+    model = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2).train()
+    torch.manual_seed(0)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32), drop=drop)
+    assert counter.get_total_flops() == compress.forward_flops(model, drop=drop)
+
+
+@pytest.mark.parametrize("img, p, drop", [(32, 4, 0.0), (32, 8, 0.5), (32, 5, 0.25), (32, 7, 0.9),
+                                          (48, 4, 0.75), (24, 6, 0.0)])
+def test_cost_model_counts_the_tokens_the_vit_encodes(img, p, drop):
+    model = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2).train()
+    L = model(torch.randn(1, 3, img, img), patch_size=p, drop=drop, all_tokens=True).shape[1]
+    n = model.grid(img, p) ** 2
+    expected = 2 * n * 3 * p * p * 32 + 2 * compress.block_flops(L, 32)
+    assert compress.forward_flops(model, img_size=img, patch_size=p, drop=drop) == expected
+
+
+def test_compressed_units_fall_monotonically_with_drop_and_patch_size(vit_base_cost):
+    c = vit_base_cost
+    for p in compress.default_patch_grid(16):
+        units = [c.view_units(ViewCompression(d, p)) for d in compress.DROP_GRID]
+        assert all(a > b for a, b in zip(units, units[1:])), (p, units)
+    for d in compress.DROP_GRID:
+        units = [c.view_units(ViewCompression(d, p)) for p in compress.default_patch_grid(16)]
+        assert all(a > b for a, b in zip(units, units[1:])), (d, units)
+    assert c.view_units(None) == 3.0 and c.view_units(None, grad=False) == 1.0
+
+
+def test_default_patch_grid_is_the_papers_16_to_48():
+    assert compress.default_patch_grid(16) == [16, 20, 24, 28, 32, 40, 48]
+    assert compress.default_patch_grid(4) == [4, 5, 6, 7, 8, 10, 12]
+
+
+def test_measured_cost_model_gives_positive_finite_units():
+    torch.manual_seed(0)
+    model = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2).eval()
+    c = CostModel(model, mode="measured", batch=4, reps=2)
+    assert c.base > 0 and math.isfinite(c.base)
+    assert c.view_units(None, grad=False) == 1.0             # the base setting is the unit
+    for vc in (ViewCompression(0.75), ViewCompression(0.0, 8), ViewCompression(0.5, 8)):
+        u = c.view_units(vc)
+        assert u > 0 and math.isfinite(u)
+    assert not model.training                                 # timing restores the mode
+
+
+def test_bad_cost_mode_and_method_are_rejected(vit_base_cost):
+    with pytest.raises(ValueError, match="'timed'.*flops, measured"):
+        CostModel(vit_base_cost.model, mode="timed")
+    with pytest.raises(ValueError, match="'byol'.*simclr"):
+        vit_base_cost.sample_units("byol")
