@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import vit
+from checkpoint import state_dict_mismatch
 
 
 # ============================================================================== features
@@ -314,21 +315,12 @@ def _target_backbone(ckpt, path):
 
 def check_state_dict(model, state_dict):
     """Raise a ValueError listing every missing / unexpected key and shape mismatch, if any."""
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(want))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(want[k].shape)}"
-              for k in sorted(set(want) & set(state_dict))
-              if tuple(state_dict[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"checkpoint does not match the model {model.config()}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12])
-                             + (", ..." if len(items) > 12 else ""))
-        lines.append("  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)")
-        raise ValueError("\n".join(lines))
+    problems = state_dict_mismatch(model, state_dict, limit=200)   # a backbone: list them all
+    if problems:
+        raise ValueError("\n".join(
+            [f"checkpoint does not match the model {model.config()} (missing: in the model, "
+             "not in the checkpoint; unexpected: the other way round):", *problems,
+             "  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)"]))
 
 
 def load_backbone(path, model=None, img_size=None, branch="online"):

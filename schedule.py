@@ -338,7 +338,8 @@ def _probe_checkpoint(args):
     local = targs.get("local_crops", 0) if targs["method"] == "dino" else 0
     base = data.build_dataset(targs["data"], targs.get("data_root"), "train", backbone.img_size,
                               seed=targs["seed"], size=targs.get("data_size"))
-    recipes = data.build_views(targs["method"], backbone.img_size, local_crops=local)
+    recipes = data.build_views(targs["method"], backbone.img_size, local_crops=local,
+                               dataset=targs["data"])
     cost = CostModel(backbone, targs.get("cost", "flops"))
     progress = ckpt["state"]["spent"] / targs["budget"]
     result = probe(method, data.ViewDataset(base, recipes, seed=targs["seed"]), strategies,

@@ -146,7 +146,7 @@ def test_a_checkpoint_of_another_config_is_refused_with_the_mismatches_listed(tm
         ev.load_backbone(str(tmp_path / "dino.pt"), model="cpu")
     msg = str(err.value)
     assert "missing" in msg and "blocks.1.attn.qkv.weight" in msg       # cpu has depth 4
-    assert "blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (384, 128)" in msg
+    assert "blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (192, 64)" in msg
     with pytest.raises(ValueError, match="--model"):                     # no vit_config
         ev.load_backbone(str(tmp_path / "dino.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt"):

@@ -1,0 +1,219 @@
+"""Two processes equal one process on the whole batch, and a crashed worker costs nothing.
+
+Launched with ``torchrun --nproc_per_node=2`` on CPU (gloo). One launch runs this file as a
+worker script (``main`` below) that checks all three methods and writes what it measured to a
+JSON file; the tests assert on that file:
+
+* SimCLR (negatives gathered with gradient), MoCo-v3 (keys gathered without gradient) and DINO
+  (centre all-reduced): one step on 2 × 4 images gives the loss, every gradient and, after an
+  SGD step and the momentum / teacher update, every parameter and buffer of one process on the
+  8 concatenated images, to 1e-5. No token dropout here, so that both see identical inputs.
+  The claim is checked in float64, where only the order of the sums differs (the gap is
+  ~1e-14, ~1e-10 for DINO, whose local crops resize the position embedding in float32); in
+  float32, as trained, the same reordering costs up to ~1e-5 of the largest gradient, which
+  the tests bound at 1e-4 of it.
+* Per-rank seeds: the ranks draw different token-dropout subsets, and take different images
+  (so different augmentations), while the views of an image do not depend on the rank.
+
+A second test runs train.py under ``torchrun --max-restarts=1`` with a worker that dies at a
+given step: the group restarts from last.pt and ends with the weights of an uninterrupted run.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+METHODS = ("simclr", "moco", "dino")
+N, WORLD, IMG = 8, 2, 16                       # global batch, processes, image side
+
+
+def torchrun(args, restarts=0):
+    """Start ``torchrun --nproc_per_node=2`` (returns the Popen; ``finish`` collects it).
+
+    --standalone: a c10d rendezvous on a free port. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
+    every restart a fresh store; with torchrun's shared one, a restarted worker can read the
+    addresses of the workers it replaces and fail to connect (pytorch issue 135712)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={WORLD}", f"--max-restarts={restarts}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(p, timeout=240):
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out + err
+    return out
+
+
+# ============================================================== the worker (under torchrun)
+def _fixed_views(method):
+    """The same global batch on every rank: 2 global views (+ 2 local crops for DINO)."""
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(N, 3, IMG, IMG, generator=g) for _ in range(2)]
+    if method == "dino":
+        views += [torch.randn(N, 3, IMG // 2, IMG // 2, generator=g) for _ in range(2)]
+    return views
+
+
+def _build(method, dtype):
+    import losses
+    import vit
+    torch.manual_seed(0)                         # identical weights in every process
+    backbone = vit.ViT(img_size=IMG, patch_size=4, dim=32, depth=2, heads=2)
+    return losses.build_method(method, backbone,
+                               **losses.head_sizes(method, backbone.dim)).to(dtype)
+
+
+def _one_step(method, views, dtype, wrap=None):
+    """Loss, gradients and the state after an SGD step + target update, as train.py steps."""
+    import compress
+    model = _build(method, dtype)
+    views = [v.to(dtype) for v in views]
+    net = wrap(model) if wrap else model
+    loss, _ = net(views, compress.NONE, 0.3)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    model.update_target(0.3)
+    return loss.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def main(out_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import data
+    import losses
+    import train
+    import vit
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    # One process on the whole batch, before the process group exists: the gathers are then
+    # identities, exactly as in a single-process run of train.py.
+    cases = [(m, dtype) for m in METHODS for dtype in (torch.float64, torch.float32)]
+    reference = {c: _one_step(c[0], _fixed_views(c[0]), c[1]) for c in cases} if rank == 0 else None
+    dist.init_process_group("gloo")
+    result = {m: {} for m in METHODS}
+    for m, dtype in cases:
+        shard = [v.chunk(WORLD)[rank] for v in _fixed_views(m)]    # rank r: images 4r..4r+3
+        loss, grads, state = _one_step(
+            m, shard, dtype, lambda net: DistributedDataParallel(net, broadcast_buffers=False))
+        loss = losses.all_reduce_mean(loss)      # the 1-process loss is the mean over ranks
+        if rank == 0:
+            ref_loss, ref_grads, ref_state = reference[m, dtype]
+            result[m][str(dtype)[6:]] = dict(
+                loss_1p=ref_loss.item(), loss_2p=loss.item(),
+                grads_1p=sorted(ref_grads), grads_2p=sorted(grads),
+                grad_max_diff=max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads),
+                grad_max_abs=max(g.abs().max().item() for g in ref_grads.values()),
+                state_keys_equal=sorted(state) == sorted(ref_state),
+                state_max_diff=max((state[k].float() - ref_state[k].float()).abs().max().item()
+                                   for k in ref_state))
+
+    # Per-rank token dropout: train.py seeds rank r with seed + r.
+    train.seed_all(0, rank)
+    x = torch.randn(4, 1 + 16, 8, generator=torch.Generator().manual_seed(2))
+    kept = vit.token_dropout(x, 0.5)                                # (4, 1 + 8, 8)
+    train.seed_all(0, rank)
+    again = vit.token_dropout(x, 0.5)
+    everyone = losses.gather_no_grad(kept[None])                    # (2, 4, 9, 8)
+
+    # Per-rank data: the sampler gives ranks disjoint images; a view depends on the image only.
+    base = data.EmbeddedShapes("train", size=64, img_size=IMG)
+    views = data.ViewDataset(base, data.build_views("simclr", IMG), seed=0)
+    sampler = data.ResumableSampler(len(views), N // WORLD, seed=0, rank=rank, world_size=WORLD)
+    loader = data.build_loader(views, N // WORLD, sampler)
+    sampler.set_epoch(0)
+    (v1, _), _ = next(iter(loader))
+    mine = torch.tensor(list(sampler)[: N // WORLD])
+    indices = losses.gather_no_grad(mine)                           # (8,) rank 0's, then rank 1's
+    firsts = losses.gather_no_grad(v1[:1])                          # each rank's first view
+    other = int(indices[(rank + 1) % WORLD * (N // WORLD)])         # the other rank's image
+    replays = losses.gather_no_grad(views[other][0][0][None])       # its view, made here
+    if rank == 0:
+        result["dropout"] = dict(same_seed_same_subset=torch.equal(kept, again),
+                                 ranks_differ=not torch.equal(everyone[0], everyone[1]))
+        result["augment"] = dict(indices=indices.tolist(),
+                                 global_batch=sorted(torch.randperm(
+                                     64, generator=torch.Generator().manual_seed(0))[:N].tolist()),
+                                 views_differ=not torch.equal(firsts[0], firsts[1]),
+                                 rank_independent=torch.equal(replays[1], firsts[0])
+                                 and torch.equal(replays[0], firsts[1]))
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+# ====================================================================== the tests
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "equivalence.json"
+    finish(torchrun([os.path.abspath(__file__), str(out)]))
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_one_process_on_the_concatenated_batch(measured, method):
+    r = measured[method]["float64"]
+    assert r["loss_2p"] == pytest.approx(r["loss_1p"], abs=1e-5)
+    assert r["grads_2p"] == r["grads_1p"] and len(r["grads_1p"]) > 10   # every gradient ...
+    assert r["grad_max_diff"] < 1e-5 and r["grad_max_abs"] > 1e-4       # ... equal, not all zero
+    assert r["state_keys_equal"] and r["state_max_diff"] < 1e-5          # incl. EMA, centre, BN
+    r = measured[method]["float32"]                                     # rounding only
+    assert r["loss_2p"] == pytest.approx(r["loss_1p"], abs=1e-5)
+    assert r["grad_max_diff"] < 1e-4 * r["grad_max_abs"]
+    assert r["state_max_diff"] < 1e-4 * max(1.0, r["grad_max_abs"])
+
+
+def test_ranks_draw_different_dropout_subsets_reproducibly(measured):
+    assert measured["dropout"] == dict(same_seed_same_subset=True, ranks_differ=True)
+
+
+def test_ranks_see_different_images_whose_views_do_not_depend_on_the_rank(measured):
+    a = measured["augment"]
+    assert len(set(a["indices"])) == N and sorted(a["indices"]) == a["global_batch"]
+    assert a["views_differ"] and a["rank_independent"]
+
+
+def test_a_crashed_worker_restarts_from_the_last_checkpoint_and_changes_nothing(tmp_path):
+    """torchrun --max-restarts=1 + --resume: rank 1 dies at step 6 (after last.pt of step 4);
+    the group restarts, resumes and ends bitwise equal to a run that never crashed."""
+    tiny = ["--method", "moco", "--model", "cpu", "--img-size", str(IMG), "--data-size", "128",
+            "--batch-size", "16", "--budget", "1k", "--eval-every", "0", "--log-every", "0",
+            "--save-every", "1", "--save-every-steps", "2", "--deterministic", "--resume"]
+    ref = torchrun(["train.py", *tiny, "--out", str(tmp_path / "ref")])      # both at once
+    run = torchrun(["train.py", *tiny, "--out", str(tmp_path / "run"), "--test-fault", "crash@6"],
+                   restarts=1)
+    finish(ref)
+    out = finish(run)
+    assert "resumed from" in out and "step 4," in out, out
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ref", "run"))
+    assert a["state"]["step"] == b["state"]["step"] >= 8
+    for part in ("method", "optimizer"):
+        flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested dict / list, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(
+        tree, (list, tuple)) else ()
+    return {k: v for key, sub in items for k, v in _tensors(sub, f"{prefix}/{key}").items()}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
