@@ -433,6 +433,7 @@ def main(argv=None):
     t_start = time.time() - state["wall"]
     t_last_log, units_last, t_prev = time.time(), state["spent"], time.time()
     data_wait, step_time, n_window = 0.0, 0.0, 0
+    loader_warned = False
     if not resume_path and 0.0 in args.ckpt_at:
         checkpoint(os.path.join(args.out, "ckpt_0.pt"))      # the initial weights (stage 0)
     while state["spent"] < args.budget:
@@ -489,10 +490,11 @@ def main(argv=None):
                 ips = n_window * args.batch_size / max(step_time, 1e-9)
                 print(f"{min(progress, 1):6.1%} | step {state['step']:6d} | loss {loss.item():.4f} | "
                       f"lr {lr:.2e} | {ips:7.1f} img/s | {strategy} | ETA {hms(eta)}", flush=True)
-                if data_wait > 0.3 * step_time:
+                if data_wait > 0.3 * step_time and not loader_warned:   # once: the log keeps the figure
+                    loader_warned = True
                     print(f"warning: the data loader, not the model, limits this run "
                           f"({data_wait / step_time:.0%} of the step time waiting for batches); "
-                          "raise --workers", flush=True)
+                          "raise --workers (the share is logged as data_wait)", flush=True)
                 log({**stats, "step": state["step"], "progress": progress, "loss": loss.item(),
                      "lr": lr, "units": state["spent"], "strategy": str(strategy), "img_per_s": ips,
                      "data_wait": data_wait / step_time, "wall": state["wall"]})
