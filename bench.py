@@ -27,6 +27,7 @@ Usage::
 """
 import argparse
 import functools
+import importlib
 import itertools
 import json
 import platform
@@ -187,8 +188,9 @@ def bench_step(args, device):
 def compare_timm(args, device):
     """Our ViT against timm's VisionTransformer of the same shape: same features, step time."""
     try:
-        import timm  # noqa: F401  (optional: only for this comparison, never a dependency)
-        from timm.models.vision_transformer import VisionTransformer
+        # optional: only for this comparison, never a dependency of the project
+        timm = importlib.import_module("timm")
+        VisionTransformer = importlib.import_module("timm.models.vision_transformer").VisionTransformer
     except ImportError as e:
         print(f"# timm: not importable ({e}); comparison skipped")
         return dict(skipped=str(e))
