@@ -5,18 +5,26 @@ file is written to ``*.tmp`` and renamed, so a kill mid-save leaves the previous
 intact; a checkpoint holds the settings it was trained with, and a resume with other
 settings, or into a model of another shape, is refused with every difference listed — never
 a silent partial load; the RNG streams of every rank are saved and restored, so a resumed run
-ends with the weights of an uninterrupted one.
+ends with the weights of an uninterrupted one. It also reads backbones out of published
+checkpoints (timm, DINO, MoCo-v3) for evaluation, through vit.py's key layout.
 
-    from checkpoint import save_atomic, state_dict_mismatch
+    from checkpoint import save_atomic, state_dict_mismatch, load_backbone
+    backbone, info = load_backbone("dino_deitsmall16_pretrain.pth", model="small")  # any layout
     save_atomic({"step": 1}, "runs/x/last.pt")          # last.pt.tmp, fsync, rename
     state_dict_mismatch(model, torch.load("other.pt"))   # ['  blocks.0.attn.qkv.weight: ...']
 """
+import argparse
+import contextlib
 import os
+import pickle
 import random
 import shutil
+import warnings
 
 import numpy as np
 import torch
+
+import vit
 
 
 def save_atomic(obj, path):
@@ -135,3 +143,87 @@ def restore(ckpt, path, args, backbone, method, optimizer):
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as e:
         raise SystemExit(f"error: the optimizer state in {path} does not fit this model ({e})")
+
+
+# ============================================= backbones from ours and published checkpoints
+def _torch_load(path):
+    """torch.load without running arbitrary code when possible: weights_only=True, allowing
+    DINO's argparse.Namespace and the numpy RNG state train.py saves. Files that need full
+    unpickling load with a warning."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+               core.multiarray._reconstruct]
+    safe = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with safe(allowed) if safe else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        warnings.warn(f"{path}: not loadable with weights_only=True ({str(err)[:120]}...); "
+                      "unpickling it fully — do this only for files you trust")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from err
+
+
+def _target_backbone(ckpt, path):
+    """The momentum-encoder / teacher backbone of one of our checkpoints."""
+    if isinstance(ckpt.get("target_backbone"), dict):
+        return ckpt["target_backbone"]
+    for value in ckpt.values():                # a saved method state dict (losses.py names)
+        if not isinstance(value, dict):
+            continue
+        keys = {k.removeprefix("module."): v for k, v in value.items() if isinstance(k, str)}
+        for prefix in ("momentum_encoder.backbone.", "teacher.backbone."):
+            sd = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+            if sd:
+                return sd
+    raise ValueError(f"{path} holds no target (momentum / teacher) backbone; use --branch online")
+
+
+def check_state_dict(model, state_dict):
+    """Raise a ValueError listing every missing / unexpected key and shape mismatch, if any."""
+    problems = state_dict_mismatch(model, state_dict, limit=200)   # a backbone: list them all
+    if problems:
+        raise ValueError("\n".join(
+            [f"checkpoint does not match the model {model.config()} (missing: in the model, "
+             "not in the checkpoint; unexpected: the other way round):", *problems,
+             "  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)"]))
+
+
+def load_backbone(path, model=None, img_size=None, branch="online"):
+    """(backbone, info) from one of our checkpoints or any checkpoint in the interop layout.
+
+    Ours carry ``vit_config``, so the ViT is rebuilt from it and ``model`` / ``img_size`` are
+    not needed. Others (timm, DINO, MoCo-v3) carry only weights: ``model`` (a preset name of
+    vit.PRESETS, or a dict of ViT kwargs) builds the ViT, with ``img_size`` overriding the
+    preset's. The load is strict: any mismatch raises, listing the offending keys and shapes.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    if "vit_config" in ckpt:                                          # written by train.py
+        backbone = vit.ViT(**ckpt["vit_config"])
+        sd = ckpt["backbone"] if branch == "online" else _target_backbone(ckpt, path)
+        fmt = "accel-ssl"
+    else:
+        if model is None:
+            raise ValueError(f"{path} has no 'vit_config' (not written by train.py): give the "
+                             f"architecture with --model ({', '.join(vit.PRESETS)}) and, if it "
+                             "differs from the preset's, --img-size")
+        cfg = dict(model) if isinstance(model, dict) else None
+        if cfg is not None and img_size is not None:
+            cfg["img_size"] = img_size
+        overrides = {} if img_size is None else {"img_size": img_size}
+        backbone = vit.ViT(**cfg) if cfg is not None else vit.build_vit(model, **overrides)
+        sd = vit.backbone_state_dict(ckpt, branch)
+        fmt = "interop"
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    check_state_dict(backbone, sd)
+    backbone.load_state_dict(sd, strict=True)
+    args = ckpt.get("args")
+    info = dict(path=path, format=fmt, branch=branch, config=backbone.config(),
+                args=vars(args) if isinstance(args, argparse.Namespace) else args)
+    return backbone, info
