@@ -232,7 +232,7 @@ def error_terms(mean_s, var_s, k, ref_mean, ref_var, k_ref, cost_ratio):
 
 
 def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches=8,
-          ref_batches=8, batch_size=64, seed=0, local_crops=0, local_size=None, log=print):
+          ref_batches=8, batch_size=64, seed=0, local_crops=0, local_size=None):
     """Gradient-error analysis of ``strategies`` at the current weights of ``method``.
 
     view_set: a data.ViewDataset (its epochs are used as fresh-augmentation draws: the

@@ -1,0 +1,140 @@
+"""schedule.py: learning rates, stage schedules, and the gradient-error estimator (paper §5)."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import compress  # noqa: E402
+import data  # noqa: E402
+import losses  # noqa: E402
+import vit  # noqa: E402
+from schedule import (RunningGradientStats, StageSchedule, build_schedule, error_terms,  # noqa: E402
+                      learning_rate, parse_grid, probe)
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine_or_polynomial():
+    assert learning_rate(0.0, 1.0, warmup=0.1) == 0.0
+    assert learning_rate(0.05, 1.0, warmup=0.1) == pytest.approx(0.5)
+    for kind in ("cosine", "poly"):
+        assert learning_rate(0.1, 1.0, 0.1, kind) == pytest.approx(1.0)
+        assert learning_rate(1.0, 1.0, 0.1, kind) == pytest.approx(0.0)
+    s = 0.5                                   # progress 0.55 with warm-up 0.1 → s = 0.5
+    assert learning_rate(0.55, 1.0, 0.1, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * s)))
+    assert learning_rate(0.55, 1.0, 0.1, "poly") == pytest.approx((1 - s) ** 2)
+    # under a tight budget the polynomial schedule keeps the rate higher for longer (Fig. 6)
+    assert learning_rate(0.3, 1.0, 0.1, "poly") < learning_rate(0.3, 1.0, 0.1, "cosine")
+
+
+def test_stage_schedule_round_trips_through_json_and_switches_at_its_starts(tmp_path):
+    sched = StageSchedule.parse("q:drop=0.9")
+    assert sched.at(0.7) == compress.Strategy.parse("q:drop=0.9")
+    sched = StageSchedule([(0.0, compress.Strategy.parse("q:drop=0.9")),
+                           (0.5, compress.Strategy.parse("qk:patch=8"))])
+    path = tmp_path / "s.json"
+    sched.save(path)
+    again = StageSchedule.load(str(path))
+    assert again.stages == sched.stages
+    assert [again.index(t) for t in (0.0, 0.49, 0.5, 0.99)] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("obj, field", [
+    ({"stage": []}, "'stages'"),
+    ({"stages": []}, "'stages' must be a non-empty list"),
+    ({"stages": [{"strategy": "none"}]}, "stages[0] has no 'start'"),
+    ({"stages": [{"start": 0, "strategy": "q:drop=2"}]}, "stages[0].strategy"),
+    ({"stages": [{"start": 1.5, "strategy": "none"}]}, "stages[0].start = 1.5"),
+    ({"stages": [{"start": 0.2, "strategy": "none"}]}, "the first stage must start at 0"),
+])
+def test_a_malformed_schedule_names_the_field(tmp_path, obj, field):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError) as err:
+        StageSchedule.load(str(path))
+    assert field in str(err.value) and "bad.json" in str(err.value)
+
+
+@pytest.mark.parametrize("grid, field", [
+    ("drop=0,1.2", "drop: 1.2"), ("patch=0", "patch: 0"), ("roles=kq", "roles: 'kq'"),
+    ("dorp=0.5", "dorp=0.5"), ("drop=a", "drop: 'a'"), ("patch", "'patch'"),
+])
+def test_a_malformed_grid_names_the_field(grid, field):
+    with pytest.raises(ValueError) as err:
+        parse_grid(grid, 4)
+    assert field in str(err.value)
+
+
+def test_grid_roles_follow_the_paper_dropout_on_the_query_patch_scaling_on_both():
+    cells = parse_grid("drop=0,0.5 patch=4,8", 4)
+    assert [str(s) for s in cells] == ["none", "q:patch=8;k:patch=8", "q:drop=0.5",
+                                       "q:drop=0.5,patch=8;k:patch=8"]
+    assert str(parse_grid("drop=0.5 roles=qk", 4)[0]) == "q:drop=0.5;k:drop=0.5"
+
+
+def test_streaming_statistics_equal_the_two_pass_formulas():
+    g = torch.randn(7, 50, dtype=torch.float64) + 3.0
+    st = RunningGradientStats()
+    for row in g:
+        st.add(row)
+    mean = g.mean(0)
+    assert torch.allclose(st.mean, mean)
+    assert st.variance == pytest.approx(((g - mean) ** 2).sum().item() / 6)
+
+
+def test_the_estimator_recovers_bias_and_variance_on_a_problem_with_known_answers():
+    """Gradients g = μ + b + σ·ε: bias² = ‖b‖², per-batch variance = σ²·d, corrected for K."""
+    torch.manual_seed(0)
+    d, K, K_ref, trials = 200, 16, 16, 40
+    mu = torch.randn(d, dtype=torch.float64)
+    b = 0.3 * torch.randn(d, dtype=torch.float64)
+    sigma, sigma0 = 0.5, 0.4
+    rows = []
+    for _ in range(trials):
+        ref, est, unbiased = RunningGradientStats(), RunningGradientStats(), RunningGradientStats()
+        for _ in range(K_ref):
+            ref.add(mu + sigma0 * torch.randn(d, dtype=torch.float64))
+        for _ in range(K):
+            est.add(mu + b + sigma * torch.randn(d, dtype=torch.float64))
+            unbiased.add(mu + sigma * torch.randn(d, dtype=torch.float64))
+        biased = error_terms(est.mean, est.variance, K, ref.mean, ref.variance, K_ref, 1.0)
+        zero = error_terms(unbiased.mean, unbiased.variance, K, ref.mean, ref.variance, K_ref, 0.5)
+        rows.append((biased["bias2"], biased["var"], zero["bias2"], zero["ca_var"]))
+    bias2, var, zero_bias2, ca_var = (sum(col) / trials for col in zip(*rows))
+    ref2 = (mu @ mu).item()
+    assert bias2 == pytest.approx((b @ b).item() / ref2, rel=0.15)
+    assert var == pytest.approx(sigma ** 2 * d / ref2, rel=0.05)
+    assert zero_bias2 < 0.1 * (b @ b).item() / ref2           # the uncompressed estimate: ≈ 0
+    assert ca_var == pytest.approx(0.5 * sigma ** 2 * d / ref2, rel=0.05)  # cost adjustment
+
+
+def test_build_picks_argmin_ca_mse_per_stage_and_merges_repeats():
+    def result(t, best):
+        return {"progress": t, "rows": [{"strategy": "none", "ca_mse": 1.0},
+                                        {"strategy": best, "ca_mse": 0.5}]}
+    sched = build_schedule([result(0.5, "q:drop=0.5"), result(0.0, "q:drop=0.9"),
+                            result(0.25, "q:drop=0.9")])
+    assert [(s, str(st)) for s, st in sched.stages] == [(0.0, "q:drop=0.9"), (0.5, "q:drop=0.5")]
+
+
+def test_probe_runs_on_a_real_method_restores_its_state_and_charges_its_cost():
+    torch.manual_seed(0)
+    backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
+    method = losses.build_method("moco", backbone, proj_dim=16, hidden_dim=32)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    rng = torch.get_rng_state()
+    views = data.ViewDataset(data.build_dataset("embedded", size=64, img_size=16),
+                             data.build_views("moco", 16), seed=0)
+    strategies = parse_grid("drop=0,0.75 patch=4,8", 4)
+    cost = compress.CostModel(backbone)
+    out = probe(method, views, strategies, "moco", cost, batches=3, ref_batches=3, batch_size=8)
+    assert [r["strategy"] for r in out["rows"]] == [str(s) for s in strategies]
+    assert all(r["ca_mse"] == pytest.approx(r["bias2"] + r["ca_var"]) for r in out["rows"])
+    assert all(torch.equal(before[k], v) for k, v in method.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)          # training's dropout stream untouched
+    c0 = cost.sample_units("moco", compress.NONE)
+    assert out["units_spent"] == pytest.approx(8 * (3 * c0 + 3 * sum(cost.sample_units("moco", s)
+                                                                     for s in strategies)))
