@@ -42,6 +42,7 @@ import data
 from checkpoint import (check_out_dir, copy_atomic, read_checkpoint, restore, rng_state,  # noqa: F401
                         save_atomic, seed_all, set_rng_state)
 import eval as evaluation
+from distributed import setup_distributed
 import losses
 import vit
 from schedule import LR_SCHEDULES, StageSchedule, learning_rate
@@ -190,36 +191,6 @@ def get_args(argv=None):
         args.fault = (kind, int(step))
     args.out = args.out or os.path.join("runs", args.method)
     return args, ap
-
-
-# ======================================================================== distributed
-def setup_distributed(device_arg):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs as rank 0 of 1."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        # Share the cores between the processes of this machine, unless OMP_NUM_THREADS says
-        # how many threads to use (on a shared machine the user knows better).
-        if not os.environ.get("OMP_NUM_THREADS"):
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
-            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
-        # torchrun's store outlives the workers; a restarted group may read the addresses that
-        # its dead predecessors published there and fail to connect (pytorch issue 135712).
-        print("warning: restarts may fail to reconnect with torchrun's shared store; launch as "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone (or --rdzv-backend=c10d) "
-              "... so that every restart gets a fresh one", flush=True)
-    return rank, world, device
 
 
 # ============================================================================== main
