@@ -71,7 +71,7 @@ def set_rng_state(s):
 # Arguments that define what is trained: a resume must not change them.
 FIXED_ARGS = ("method", "data", "model", "img_size", "patch_size", "batch_size", "budget", "lr",
               "weight_decay", "lr_schedule", "warmup", "accel", "cost", "symmetric",
-              "local_crops", "seed", "data_size")
+              "local_crops", "seed", "data_size", "views", "auto_grid", "auto_at", "auto_batches")
 
 
 def check_out_dir(args):
@@ -118,8 +118,8 @@ def read_checkpoint(path, args, accel):
                          f"{keys}; expected {', '.join(needed)})")
     saved = ckpt["args"]
     changed = [f"{k}: {saved.get(k)!r} → {getattr(args, k)!r}" for k in FIXED_ARGS
-               if saved.get(k) != getattr(args, k)]
-    if "accel" in ckpt and ckpt["accel"] != accel.to_json():     # the schedule file was edited
+               if k in saved and saved[k] != getattr(args, k)]   # (older runs lack newer flags)
+    if accel is not None and "accel" in ckpt and ckpt["accel"] != accel.to_json():     # the schedule file was edited
         changed.append(f"stage schedule {args.accel}: {ckpt['accel']} → {accel.to_json()}")
     if changed:
         raise SystemExit(f"error: --resume from {path} with different settings: "

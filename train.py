@@ -26,9 +26,8 @@ RNG stream of every rank, the position in the epoch and the budget spent, and so
 the weights of an uninterrupted run (bitwise on CPU with ``--deterministic``). A run that
 stops on a non-finite loss leaves ``STOPPED`` in --out, so restarts do not replay it.
 """
-import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -45,153 +44,8 @@ import eval as evaluation
 from distributed import setup_distributed
 import losses
 import vit
-from schedule import LR_SCHEDULES, StageSchedule, learning_rate
-
-# Defaults that differ per method, from the official recipes (MoCo-v3 ViT: AdamW lr 1.5e-4
-# per 256 images, wd 0.1; DINO ViT: lr 5e-4 per 256, wd 0.04; SimCLR as MoCo-v3's ViT
-# baseline). The CPU preset trains a small ViT from scratch on a small dataset for a short
-# budget, where a larger rate is stable and learns faster: 5e-3 per 256 (README, "Data").
-METHOD_DEFAULTS = {
-    "simclr": dict(lr=1.5e-4, weight_decay=0.1),
-    "moco": dict(lr=1.5e-4, weight_decay=0.1),
-    "dino": dict(lr=5e-4, weight_decay=0.04),
-}
-CPU_PRESET_LR = 5e-3
-SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
-
-
-def parse_units(text):
-    """'50M', '2.5k', '1e6', '200000' → float units; error for ≤ 0 or unparsable."""
-    t = str(text).strip().lower()
-    mult = SUFFIXES.get(t[-1:], None)
-    try:
-        value = float(t[:-1]) * mult if mult else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"budget {text!r} is not a number of units (e.g. 200k, 50M, 2.5e6)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"budget {text!r} must be a positive number of units")
-    return value
-
-
-def hms(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def fraction_list(text):
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fractions")
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every fraction must be in [0, 1]")
-    return sorted(set(values))
-
-
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--method", default="simclr", choices=["simclr", "moco", "dino"])
-    ap.add_argument("--data", default="embedded",
-                    help="embedded (procedural, offline), cifar10, cifar100, stl10, or folder "
-                         "(an ImageFolder root with train/ and val/, e.g. ImageNet-100)")
-    ap.add_argument("--data-root", default=None, help="where cifar/stl/folder data lives")
-    ap.add_argument("--download", action="store_true", help="download cifar/stl (needs internet)")
-    ap.add_argument("--model", default="cpu", help="ViT preset: cpu, tiny, small, base")
-    ap.add_argument("--img-size", type=int, default=None, help="default: the preset's size")
-    ap.add_argument("--patch-size", type=int, default=None, help="base patch size p0; default: the preset's")
-    ap.add_argument("--batch-size", type=int, default=64,
-                    help="global batch over all processes (per process = batch / world size)")
-    ap.add_argument("--budget", type=parse_units, default=parse_units("200k"),
-                    help="training budget in units (forward passes of the uncompressed backbone "
-                         "on one image); the default is ~4 epochs of SimCLR on the embedded set, "
-                         "a few minutes on a 2-core CPU")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="peak lr per 256 images (scaled linearly with the batch); default: the "
-                         f"official per-method value, or {CPU_PRESET_LR} for the cpu preset")
-    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW decay; default per method")
-    ap.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                    help="decay after warm-up; poly = (1 − t)², higher for longer under a tight budget")
-    ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the budget")
-    ap.add_argument("--accel", default="none",
-                    help="'none' (baseline), a strategy such as 'q:drop=0.75' or "
-                         "'q:drop=0.5,patch=8;k:patch=8', or a stage-schedule JSON file")
-    ap.add_argument("--cost", default="flops", choices=["flops", "measured"],
-                    help="how the budget prices a step: counted FLOPs or timed forward passes")
-    ap.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
-                    help="MoCo-v3: symmetric loss (both views as queries, 8 units) as the official code")
-    ap.add_argument("--local-crops", type=int, default=0,
-                    help="DINO: number of small local crops (official: 10 at 96 px on 224 px images)")
-    ap.add_argument("--out", default=None, help="run folder; default runs/<method>")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from OUT/last.pt if it exists (else start fresh: safe for "
-                         "torchrun --max-restarts)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    ap.add_argument("--seed", type=int, default=0, help="each rank uses seed + rank for dropout")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="data-loader processes per GPU/process (0: load in the main process, "
-                         "best for the embedded set on a 2-core CPU)")
-    ap.add_argument("--eval-every", type=float, default=0.25,
-                    help="k-NN accuracy every this fraction of the budget (0: only at the start and end)")
-    ap.add_argument("--ckpt-at", type=fraction_list, default=fraction_list("0,0.25,0.5,0.75,1"),
-                    help="progress fractions at which ckpt_<pct>.pt is kept")
-    ap.add_argument("--save-every", type=float, default=0.05,
-                    help="rewrite last.pt every this fraction of the budget")
-    ap.add_argument("--save-every-steps", type=int, default=0,
-                    help="also rewrite last.pt every this many steps (0: off); a crash loses at "
-                         "most this many steps, at the price of one save each time")
-    ap.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--deterministic", action="store_true",
-                    help="deterministic kernels (bitwise-reproducible resumes on CPU; slower on GPU)")
-    ap.add_argument("--data-size", type=int, default=None,
-                    help="use only this many training images (and a quarter as many validation "
-                         "images): quick runs and tests")
-    # Fault injection for tests/test_resume.py, test_distributed.py and test_bad_input.py only:
-    # "crash@N" kills the last rank at the start of step N of a run that did not resume (as a
-    # preempted or failed worker would die); "nan-loss@N" makes the loss of step N NaN on the
-    # last rank; "nan-grad@N" makes a gradient of step N NaN (weights turn NaN, loss still finite).
-    ap.add_argument("--test-fault", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.lr is None and args.model in ("cpu", "vit_cpu"):
-        args.lr = CPU_PRESET_LR
-    for name in ("lr", "weight_decay"):
-        if getattr(args, name) is None:
-            setattr(args, name, METHOD_DEFAULTS[args.method][name])
-    if args.batch_size < 2:
-        ap.error(f"--batch-size {args.batch_size} must be ≥ 2 (contrastive losses need negatives)")
-    if not 0.0 <= args.warmup < 1.0:
-        ap.error(f"--warmup {args.warmup} must be in [0, 1)")
-    if args.local_crops < 0:
-        ap.error(f"--local-crops {args.local_crops} must be ≥ 0")
-    if not 0.0 <= args.eval_every <= 1.0 or not 0.0 < args.save_every <= 1.0:
-        ap.error(f"--eval-every {args.eval_every} must be in [0, 1], --save-every "
-                 f"{args.save_every} in (0, 1]")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        ap.error(f"--lr {args.lr} must be a positive number")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        ap.error(f"--weight-decay {args.weight_decay} must be a number ≥ 0")
-    for flag, value, low in (("--img-size", args.img_size, 1), ("--patch-size", args.patch_size, 1),
-                             ("--data-size", args.data_size, 1), ("--workers", args.workers, 0),
-                             ("--save-every-steps", args.save_every_steps, 0),
-                             ("--seed", args.seed, 0)):
-        if value is not None and value < low:
-            ap.error(f"{flag} {value} must be ≥ {low}")
-    if args.seed >= 2**32:                   # numpy's seed range
-        ap.error(f"--seed {args.seed} must be < 2**32")
-    if not args.log_every >= 0:
-        ap.error(f"--log-every {args.log_every} must be ≥ 0 seconds")
-    args.fault = None
-    if args.test_fault:
-        kind, _, step = args.test_fault.partition("@")
-        if kind not in ("crash", "nan-loss", "nan-grad") or not step.isdigit():
-            ap.error(f"--test-fault {args.test_fault!r}: expected crash@N, nan-loss@N or "
-                     "nan-grad@N")
-        args.fault = (kind, int(step))
-    args.out = args.out or os.path.join("runs", args.method)
-    return args, ap
-
+from options import get_args, hms
+from schedule import StageSchedule, learning_rate, parse_grid, probe
 
 # ============================================================================== main
 def main(argv=None):
@@ -213,17 +67,40 @@ def main(argv=None):
 
     # ===== model =====
     overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
+    auto = args.accel == "auto"          # the schedule is chosen during the run (probe_now)
     try:
         backbone = vit.build_vit(args.model, **overrides)
-        accel = StageSchedule.parse(args.accel)
+        p0 = backbone.patch_size
+        accel = StageSchedule([(0.0, compress.NONE)]) if auto else StageSchedule.parse(args.accel)
+        grid = (parse_grid(args.auto_grid or f"drop=0,0.5,0.75 patch={p0},{2 * p0}", p0)
+                if auto else [])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e))
-    for _, strategy in accel.stages:                 # fail now, not hours into the run
+    flag = f"--auto-grid {args.auto_grid!r}" if auto else f"--accel {args.accel!r}"
+    for strategy in [s for _, s in accel.stages] + grid:   # fail now, not hours into the run
         for vc in (strategy.q, strategy.k):
             if vc.patch_size and vc.patch_size > backbone.img_size:
-                parser.error(f"--accel {args.accel!r}: patch {vc.patch_size} is larger than "
-                             f"the {backbone.img_size}-px image")
-    ckpt = read_checkpoint(resume_path, args, accel) if resume_path else None   # before the data
+                parser.error(f"{flag}: patch {vc.patch_size} is larger than the "
+                             f"{backbone.img_size}-px image")
+    # Batches carry the most views any stage asks for; a stage that names no view count uses
+    # the run's --views (the methods then take the first M views of each batch).
+    max_views = max([args.views] + [getattr(s, "views", None) or 0
+                                    for s in [s for _, s in accel.stages] + grid])
+    pin = lambda s: s if max_views == args.views or getattr(s, "views", None) else \
+        dataclasses.replace(s, views=args.views)                                   # noqa: E731
+    accel = StageSchedule([(start, pin(s)) for start, s in accel.stages])
+    grid = [pin(s) for s in grid]
+
+    def auto_schedule(chosen):
+        """--accel auto's schedule so far: uncompressed until the first probe, then each
+        probe's choice from its --auto-at point on (kept in the checkpoint's state)."""
+        stages = [(0.0, pin(compress.NONE))]
+        for c in chosen:
+            stage = (c["start"], compress.Strategy.parse(c["strategy"]))
+            stages[-1:] = [stages[-1], stage] if c["start"] > 0 else [stage]
+        return StageSchedule(stages)
+    ckpt = (read_checkpoint(resume_path, args, None if auto else accel)           # before the data
+            if resume_path else None)
     try:
         train_base = data.build_dataset(args.data, args.data_root, "train", backbone.img_size,
                                         args.download, seed=args.seed, size=args.data_size)
@@ -236,10 +113,10 @@ def main(argv=None):
     cost = compress.CostModel(backbone, args.cost)
 
     # ===== data =====
-    recipes = data.build_views(args.method, backbone.img_size, views=2,
-                               local_crops=args.local_crops if args.method == "dino" else 0,
-                               dataset=args.data)
-    local_size = recipes[-1].size if args.local_crops and args.method == "dino" else None
+    dino = args.method == "dino"
+    recipes = data.build_views(args.method, backbone.img_size, views=max_views,
+                               local_crops=max_views - 2 if dino else 0, dataset=args.data)
+    local_size = recipes[-1].size if dino and max_views > 2 else None
     train_set = data.ViewDataset(train_base, recipes, seed=args.seed)
     per_rank = args.batch_size // world
     try:
@@ -267,23 +144,30 @@ def main(argv=None):
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
     peak_lr = args.lr * args.batch_size / 256                       # linear scaling rule
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr,
-                                  fused=device.type == "cuda")
+    # Fused AdamW: one kernel for all parameters instead of a dozen elementwise passes; on CPU
+    # it needs torch ≥ 2.4 and is a third of the foreach step (bench.py --section adamw).
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, fused=True)
+    except RuntimeError:                # older torch on CPU: the foreach implementation
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     # ===== state (everything a resume restores) =====
     # The price of a step under each stage is fixed here, once, and kept in the checkpoint:
     # with --cost measured, timings taken again after a restart would differ (and timing runs
     # token dropout, so it must not draw from the training RNG either).
-    with torch.random.fork_rng(devices=[]):
-        prices = [args.batch_size * cost.sample_units(
-            args.method, strategy, local_crops=args.local_crops, local_size=local_size,
-            symmetric=args.symmetric) for _, strategy in accel.stages]
-        base_units = cost.sample_units(args.method, compress.NONE, local_crops=args.local_crops,
-                                       local_size=local_size, symmetric=args.symmetric)
+    def price(strategy):                 # units of one sample (compress.CostModel)
+        with torch.random.fork_rng(devices=[]):
+            return cost.sample_units(args.method, strategy, views=args.views,
+                                     local_crops=args.local_crops, local_size=local_size,
+                                     symmetric=args.symmetric)
+    prices = [args.batch_size * price(strategy) for _, strategy in accel.stages]
+    base_units = price(compress.NONE)
     state = dict(step=0, spent=0.0, epoch=0, batch_in_epoch=0, stage=0, ckpts_done=[],
-                 evals_done=0, saves_done=0, images=0, wall=0.0, prices=prices, bad_files=[])
+                 evals_done=0, saves_done=0, images=0, wall=0.0, prices=prices, bad_files=[],
+                 auto=[])
     if resume_path:
         restore(ckpt, resume_path, args, backbone, method, optimizer)
         state.update(ckpt["state"])
@@ -300,6 +184,44 @@ def main(argv=None):
             print(f"resumed from {resume_path}: step {state['step']}, "
                   f"{state['spent'] / args.budget:.1%} of the budget, epoch {state['epoch']} "
                   f"batch {state['batch_in_epoch']}", flush=True)
+    if auto:                              # the stages an interrupted run had chosen so far
+        accel = auto_schedule(state["auto"])
+
+    # ===== --accel auto: probe the current weights at each of --auto-at =====
+    probe_set = data.ViewDataset(train_base, recipes, seed=args.seed) if auto else None
+
+    def probe_now(progress):
+        """CA-MSE of every --auto-grid strategy at the current weights (schedule.probe), on
+        every rank in lockstep (the losses gather across ranks); rank 0's argmin is the next
+        stage. Every forward/backward pass of the probe is charged to the budget, so an auto
+        run compares with a fixed schedule at equal total compute. The probe restores weights,
+        buffers and RNG, so a resumed run that replays it makes the same choice."""
+        n = len(state["auto"])
+        result = probe(method, probe_set, grid, args.method, cost, progress=progress,
+                       batches=args.auto_batches, ref_batches=args.auto_batches,
+                       batch_size=per_rank, seed=(args.seed + 1) * 7919 + 104_729 * n + rank,
+                       local_crops=args.local_crops, local_size=local_size)
+        best = min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]
+        if world > 1:
+            box = [best]
+            dist.broadcast_object_list(box, src=0)
+            best = box[0]
+        units = result["units_spent"] * world                 # every rank probed its batches
+        state["auto"].append(dict(start=args.auto_at[n], strategy=best, units=units,
+                                  seconds=result["seconds"]))
+        state["spent"] += units
+        state["prices"] = [args.batch_size * price(s) for _, s in auto_schedule(state["auto"]).stages]
+        if master:
+            with open(os.path.join(args.out, f"probe_{round(args.auto_at[n] * 100)}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"[auto {args.auto_at[n]:.0%}] probed {len(grid)} strategies in "
+                  f"{result['seconds']:.0f} s for {units:,.0f} units "
+                  f"({units / args.budget:.1%} of the budget) → {best}", flush=True)
+        log(dict(step=state["step"], progress=state["spent"] / args.budget, auto=best,
+                 probe_units=units, probe_seconds=result["seconds"],
+                 rows=[{k: r[k] for k in ("strategy", "units", "ca_mse")} for r in result["rows"]]))
+        return auto_schedule(state["auto"])
+
     model = method
     if world > 1:
         # Buffers (BN running stats, DINO centre) are computed from global-batch statistics
@@ -416,6 +338,12 @@ def main(argv=None):
             if fault and args.fault[0] == "crash" and not resume_path:
                 os._exit(3)                          # test only: a worker dies without a word
             progress = state["spent"] / args.budget
+            if auto and len(state["auto"]) < len(args.auto_at) and \
+                    progress >= args.auto_at[len(state["auto"])]:
+                t_probe = time.time()
+                accel = probe_now(progress)
+                progress = state["spent"] / args.budget
+                t_prev += time.time() - t_probe        # probing is neither data wait nor step
             state["stage"] = accel.index(progress)
             strategy = accel.stages[state["stage"]][1]
             lr = learning_rate(progress, peak_lr, args.warmup, args.lr_schedule)

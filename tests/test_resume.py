@@ -238,3 +238,17 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     monkeypatch.undo()
     assert load(path) == {"step": 1}             # the previous checkpoint, intact
     assert os.path.exists(path + ".tmp")         # the partial one, which a resume removes
+
+
+# ============================================================== --accel auto
+def test_an_auto_schedule_run_killed_after_a_probe_resumes_bitwise(tmp_path):
+    """--accel auto probes at 0 % and 50 %: the kill comes after the first probe, the resume
+    keeps its choice (from the checkpoint), replays the lost steps and probes again at 50 %
+    exactly as the uninterrupted run did."""
+    args = ["--method", "simclr", "--budget", "2.5k", "--accel", "auto", "--auto-at", "0,0.5",
+            "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8"]
+    ref, run, killed, out = kill_and_resume(tmp_path, args, kill_step=3)
+    assert len(killed["state"]["auto"]) == 1 and len(ref["state"]["auto"]) == 2
+    assert run["state"]["auto"] == [dict(a, seconds=b["seconds"]) for a, b in
+                                    zip(ref["state"]["auto"], run["state"]["auto"])]
+    assert_bitwise_equal(ref, run)

@@ -108,3 +108,35 @@ def test_a_previous_run_is_not_overwritten_without_resume_or_overwrite(tmp_path)
     assert p.returncode != 0 and "--resume" in p.stderr and "--overwrite" in p.stderr
     assert (out / "last.pt").read_bytes() == b"previous"
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tmp_path):
+    """--accel auto: a probe at 0 % and 50 %; each one's forward/backward passes are charged
+    (batch × (K_ref·c_0 + K·Σ_s c_s)), and from each point on the training steps follow its
+    argmin-CA-MSE choice."""
+    out = str(tmp_path / "auto")
+    run(["--method", "simclr", "--budget", "3k", "--out", out, "--accel", "auto", "--auto-at",
+         "0,0.5", "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8", *TINY])
+    cost = compress.CostModel(vit.build_vit("cpu"))
+    grid = ["none", "q:drop=0.75", "q:patch=8;k:patch=8", "q:drop=0.75,patch=8;k:patch=8"]
+    probe_units = 16 * 2 * (cost.sample_units("simclr") + sum(
+        cost.sample_units("simclr", compress.Strategy.parse(s)) for s in grid))
+    spent, chosen, seen = 0.0, [], []
+    for r in read_log(out):
+        if "auto" in r:                          # a probe: logged with what it cost
+            assert r["probe_units"] == pytest.approx(probe_units)
+            assert sorted(row["strategy"] for row in r["rows"]) == sorted(grid)
+            assert r["auto"] == min(r["rows"], key=lambda row: row["ca_mse"])["strategy"]
+            spent += r["probe_units"]
+            chosen.append((len(seen), r["auto"]))
+        elif "loss" in r:
+            assert r["strategy"] == chosen[-1][1]   # the latest probe's choice is in force
+            seen.append(r["strategy"])
+            spent += 16 * cost.sample_units("simclr", compress.Strategy.parse(r["strategy"]))
+            assert r["units"] == pytest.approx(spent)
+    assert [c[0] for c in chosen][0] == 0 and len(chosen) == 2 and chosen[1][0] > 0
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    assert [a["start"] for a in ckpt["state"]["auto"]] == [0.0, 0.5]
+    assert ckpt["state"]["spent"] == pytest.approx(spent) and spent >= 3000
+    assert os.path.isfile(os.path.join(out, "probe_0.json"))
+    assert os.path.isfile(os.path.join(out, "probe_50.json"))
