@@ -15,6 +15,11 @@ Concern: *what* each view of a training sample is compressed to, and *what that 
       "q:drop=0.75"                     drop 75 % of the query view's tokens, key untouched
       "q:drop=0.5,patch=24;k:patch=24"  both roles at patch 24, the query also drops half
       "qk:patch=32"                     both roles at patch 32 (a role list shares settings)
+      "q:drop=0.5;views=4"              4 views per sample (DINO: 2 global + 2 local crops)
+      "views=4"                         4 uncompressed views
+
+  ``views`` (an integer ≥ 2; unset = the run's own number of views) is a third dimension of
+  the trade-off (second paper, arXiv 2312.10725): more, cheaper views per sample.
 
 * **Cost model.** Forward FLOPs of one block on L tokens of width D (MLP ratio 4):
   qkv 6LD² + attention 4L²D + projection 2LD² + MLP 16LD² = 24LD² + 4L²D, times depth,
@@ -68,9 +73,17 @@ ROLES = ("q", "k")
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """Compression per view role: q (online / student / first view), k (momentum / teacher)."""
+    """Compression per view role: q (online / student / first view), k (momentum / teacher),
+    and how many views a sample has (None: the run's own; losses.use_views keeps the first M)."""
     q: ViewCompression = ViewCompression()
     k: ViewCompression = ViewCompression()
+    views: int | None = None
+
+    def __post_init__(self):
+        if self.views is not None and (isinstance(self.views, bool)
+                                       or not isinstance(self.views, int) or self.views < 2):
+            raise ValueError(f"views={self.views!r} must be an integer ≥ 2 (or None for the "
+                             "run's own number of views)")
 
     @classmethod
     def parse(cls, text):
@@ -80,18 +93,29 @@ class Strategy:
         text = text.strip()
         if text.lower() in ("", "none", "baseline"):
             return cls()
-        roles = {r: {} for r in ROLES}
+        roles, views = {r: {} for r in ROLES}, None
         for part in filter(None, (p.strip() for p in text.split(";"))):
+            key, eq, value = part.partition("=")
+            if key.strip() == "views" and ":" not in part:          # the views part: views=M
+                if views is not None:
+                    raise ValueError(f"views is given twice in strategy {text!r}")
+                views = int(value) if eq and value.strip().isdigit() else None
+                if views is None or views < 2:
+                    raise ValueError(f"bad setting {part!r} in strategy {text!r}: expected "
+                                     "views=<integer ≥ 2>")
+                continue
             role_names, sep, settings = part.partition(":")
             if not sep or not role_names or not set(role_names) <= set(ROLES):
                 raise ValueError(f"bad strategy part {part!r} in {text!r}: expected ROLE:key=value "
-                                 f"with ROLE one of {', '.join(ROLES)} (or 'qk'), e.g. 'q:drop=0.75'")
+                                 f"with ROLE one of {', '.join(ROLES)} (or 'qk'), e.g. "
+                                 "'q:drop=0.75', or views=<integer ≥ 2>")
             for item in filter(None, (s.strip() for s in settings.split(","))):
                 key, eq, value = item.partition("=")
                 key = key.strip()
                 if key not in ("drop", "patch"):
                     raise ValueError(f"unknown setting {key!r} in strategy {text!r}; "
-                                     "allowed: drop, patch")
+                                     "allowed: drop, patch (views is a part of its own: "
+                                     "'q:drop=0.5;views=4')")
                 try:
                     if not eq:
                         raise ValueError
@@ -106,18 +130,19 @@ class Strategy:
                     raise ValueError(f"patch={value} in strategy {text!r} must be ≥ 1")
                 for r in role_names:
                     roles[r]["patch_size" if key == "patch" else "drop"] = parsed
-        return cls(**{r: ViewCompression(**v) for r, v in roles.items()})
+        return cls(**{r: ViewCompression(**v) for r, v in roles.items()}, views=views)
 
     def __str__(self):
         parts = [f"{r}:{getattr(self, r)}" for r in ROLES if str(getattr(self, r))]
+        parts += [f"views={self.views}"] if self.views is not None else []
         return ";".join(parts) or "none"
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)             # {"q": {...}, "k": {...}, "views": M or None}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{r: ViewCompression(**d.get(r, {})) for r in ROLES})
+        return cls(**{r: ViewCompression(**d.get(r, {})) for r in ROLES}, views=d.get("views"))
 
 
 NONE = Strategy()
@@ -192,17 +217,26 @@ class CostModel:
 
     def sample_units(self, method, strategy=NONE, views=2, local_crops=0, local_size=None,
                      symmetric=True):
-        """Units for one training sample of ``method`` under ``strategy``.
+        """Units for one training sample of ``method`` under ``strategy`` with M views.
 
-        simclr:  every view carries gradient; views alternate roles q, k, q, k, ...
+        M = strategy.views when the strategy sets it, else ``views`` (the run's own); every
+        view is charged, so the price grows linearly with M.
+        simclr, multiview:  every view carries gradient; views alternate roles q, k, q, k, ...
         moco:    symmetric — every view through the online encoder (q, gradient) and the
-                 momentum encoder (k, no gradient); one-directional — view 1 online only,
-                 view 2 momentum only.
-        dino:    each global crop through the student (q) and teacher (k); each local crop
-                 through the student only, with q's drop at the base patch size.
+                 momentum encoder (k, no gradient): M·(q + k); one-directional — view 1
+                 online only, views 2..M momentum only: q + (M − 1)·k.
+        dino:    each of the 2 global crops through the student (q) and teacher (k); each
+                 local crop through the student only, with q's drop at the base patch size.
+                 M views are 2 global + (M − 2) local crops: strategy.views = M overrides
+                 ``local_crops`` with M − 2 (``views`` itself is not used: DINO counts crops;
+                 give ``local_size`` whenever there are local crops).
         Uncompressed: SimCLR 6, MoCo-v3 8 (one-directional 4), DINO with 2 global crops 8.
         """
         strategy = strategy or NONE
+        if strategy.views is not None:
+            views, local_crops = strategy.views, strategy.views - 2
+        if views < 2 and method != "dino":
+            raise ValueError(f"views={views} must be ≥ 2")
         q = lambda grad: self.view_units(strategy.q, grad)       # noqa: E731
         k = lambda grad: self.view_units(strategy.k, grad)       # noqa: E731
         if method in ("simclr", "multiview"):
@@ -210,7 +244,7 @@ class CostModel:
         if method == "moco":
             if symmetric:
                 return views * (q(True) + k(False))
-            return q(True) + k(False)
+            return q(True) + (views - 1) * k(False)
         if method == "dino":
             local = ViewCompression(drop=strategy.q.drop)
             size = local_size or self.model.img_size
@@ -231,7 +265,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample cost over drop × patch (paper Fig. 3): "
                                  "the query view is compressed, the key view is not.")
     ap.add_argument("--model", default="base", help="ViT preset (the paper's figure uses base)")
-    ap.add_argument("--method", default="moco", choices=["simclr", "moco", "dino"])
+    ap.add_argument("--method", default="moco", choices=["simclr", "moco", "dino", "multiview"])
     ap.add_argument("--mode", default="flops", choices=["flops", "measured"],
                     help="flops: analytic count; measured: timed forward passes (slow for base)")
     args = ap.parse_args(argv)

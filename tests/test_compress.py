@@ -18,7 +18,8 @@ from compress import CostModel, Strategy, ViewCompression
 
 # ====================================================================== strategy
 STRINGS = ["none", "q:drop=0.75", "q:drop=0.5,patch=24;k:patch=24", "qk:patch=32",
-           "k:drop=0.25", "q:patch=20;k:drop=0.5", "qk:drop=0.9,patch=48", "q:drop=0.123456789"]
+           "k:drop=0.25", "q:patch=20;k:drop=0.5", "qk:drop=0.9,patch=48", "q:drop=0.123456789",
+           "views=4", "q:drop=0.5;views=4", "views=3;qk:patch=8", "views=2"]
 
 
 @pytest.mark.parametrize("text", STRINGS)
@@ -41,6 +42,15 @@ def test_strategy_parse_reads_the_documented_forms():
     assert (mixed.q.drop, mixed.q.patch_size, mixed.k.drop, mixed.k.patch_size) == (0.5, 24, 0.0, 24)
 
 
+def test_strategy_views_reads_and_writes_its_own_part():
+    assert Strategy.parse("views=4") == Strategy(views=4) and str(Strategy(views=4)) == "views=4"
+    s = Strategy.parse("views=3; q:drop=0.5")
+    assert (s.q.drop, s.views) == (0.5, 3) and str(s) == "q:drop=0.5;views=3"
+    assert str(compress.NONE) == "none" and Strategy.parse("none").views is None
+    assert Strategy.from_dict({"q": {"drop": 0.5}}) == Strategy.parse("q:drop=0.5")   # old dicts
+    assert Strategy(views=4).to_dict()["views"] == 4
+
+
 @pytest.mark.parametrize("text, offending", [
     ("x:drop=0.5", "x:drop=0.5"),              # unknown role
     ("drop=0.5", "drop=0.5"),                  # no role at all
@@ -53,6 +63,13 @@ def test_strategy_parse_reads_the_documented_forms():
     ("q:drop=1.5", "drop=1.5"),
     ("q:drop=-0.1", "drop=-0.1"),
     ("k:patch=0", "patch=0"),                  # patch 0
+    ("views=1", "views=1"),                    # views must be an integer ≥ 2
+    ("views=2.5", "views=2.5"),
+    ("views=abc", "views=abc"),
+    ("views", "views"),
+    ("q:drop=0.5;views=-2", "views=-2"),
+    ("views=2;views=3", "twice"),
+    ("q:views=3", "views"),                    # views is not a role setting
 ])
 def test_malformed_strategy_strings_are_rejected_naming_the_bad_part(text, offending):
     with pytest.raises(ValueError) as err:
@@ -67,6 +84,10 @@ def test_view_compression_rejects_out_of_range_values():
         ViewCompression(patch_size=0)
     with pytest.raises(ValueError, match="42"):
         Strategy.parse(42)
+    with pytest.raises(ValueError, match=r"views=1 .*integer ≥ 2"):
+        Strategy(views=1)
+    with pytest.raises(ValueError, match=r"views='4'"):
+        Strategy.from_dict({"views": "4"})
 
 
 def test_token_dropout_is_the_one_in_vit():
