@@ -1,16 +1,19 @@
-"""SimCLR, MoCo-v3 and DINO: heads, losses, momentum / teacher updates, cross-rank gathers.
+"""SimCLR, MoCo-v3, DINO and the multi-view loss: heads, losses, momentum / teacher updates.
 
 Concern: turning the features of a sample's views into one scalar loss (paper §3, the three
-augmentation-invariance methods it accelerates; §6 for the recipes). The backbone and the
-sequence compression of each view are given: ``strategy.q`` compresses the online / student /
-first view (it carries gradient), ``strategy.k`` the momentum / teacher / second view
-(compress.py). Every loss is computed for the LOCAL batch against candidates gathered from ALL
-ranks, so that under DDP (which averages gradients over ranks) one step on W processes equals
-one step of a single process on the concatenated batch.
+augmentation-invariance methods it accelerates; §6 for the recipes; and the multi-view,
+small-projector loss of the second paper, arXiv 2312.10725). The backbone and the sequence
+compression of each view are given: ``strategy.q`` compresses the online / student / first
+view (it carries gradient), ``strategy.k`` the momentum / teacher / second view, and
+``strategy.views = M`` keeps only the first M views of the batch (compress.py; ``use_views``).
+Every loss is computed for the LOCAL batch against candidates gathered from ALL ranks, so that
+under DDP (which averages gradients over ranks) one step on W processes equals one step of a
+single process on the concatenated batch.
 
-    SimCLR   ℓ_a = −log exp(z_a·z_a⁺/τ) / Σ_{b≠a} exp(z_a·z_b/τ)     2N_global − 2 negatives
-    MoCo-v3  L = 2τ · CE(q·kᵀ/τ, key of the same image)              keys: momentum encoder
-    DINO     H(p_t, p_s) = −Σ softmax((t − c)/τ_t) · log softmax(s/τ_s)   teacher: EMA copy
+    SimCLR     ℓ_a = −1/(M−1) Σ_{p∈P(a)} log exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ)   M views, M−1 positives
+    MoCo-v3    L = 2τ · CE(q·kᵀ/τ, key of the same image)              keys: momentum encoder
+    DINO       H(p_t, p_s) = −Σ softmax((t − c)/τ_t) · log softmax(s/τ_s)   teacher: EMA copy
+    MultiView  mean_m ‖z̃_m − z̄‖²/d + β·Σ_{i≠j} C_ij²     z̃: standardised, C: correlation of z̄
 
 Usage::
 
@@ -52,22 +55,92 @@ def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
 
 
 # ============================================================================ losses
-def nt_xent(z1, z2, temperature=0.2):
-    """SimCLR's NT-Xent for the local anchors, negatives gathered with gradient from all ranks."""
+def nt_xent_multi(zs, temperature=0.2):
+    """SimCLR's NT-Xent with M ≥ 2 views and several positives per anchor (multi-positive).
+
+    zs: list of M (N, d) projections, view m of local image n in row n of zs[m]. The anchors
+    are the M·N local rows; the candidates are the M·N_g rows of ALL ranks, gathered WITH
+    gradient (a negative on rank s is an embedding made on rank r: rank s's loss must send
+    gradient back to it). With s_ab = z_a·z_b / (‖z_a‖‖z_b‖) and P(a) the other M−1 views of
+    anchor a's image,
+
+        ℓ_a = −1/(M−1) Σ_{p∈P(a)} log( exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ) ),   loss = mean_a ℓ_a,
+
+    so every other row, the other views of the same image included, is in the denominator,
+    and the M−1 positives share it. For M = 2 this is SimCLR's loss with 2N_g − 2 negatives.
+    """
+    if len(zs) < 2:
+        raise ValueError(f"NT-Xent needs at least 2 views, got {len(zs)}")
     rank, world = rank_world()
-    n = z1.shape[0]                                                   # local N
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    anchors = torch.cat([z1, z2])                                     # (2N, d)
-    cands = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])   # (2N_g, d): view 1, view 2
+    m, n = len(zs), zs[0].shape[0]                                    # views M, local N
     n_g = n * world
-    logits = anchors @ cands.T / temperature                          # (2N, 2N_g)  z_a·z_b/τ
-    idx = torch.arange(n, device=z1.device) + rank * n                # our rows in a gathered view
-    self_col = torch.cat([idx, idx + n_g])                            # anchor a's own column
-    pos_col = torch.cat([idx + n_g, idx])                             # its other view
-    rows = torch.arange(2 * n, device=z1.device)
-    logits[rows, self_col] = float("-inf")                            # b ≠ a: no self-similarity
-    # ℓ_a = −log exp(z_a·z_a⁺/τ) / Σ_{b≠a} exp(z_a·z_b/τ), averaged over the 2N local anchors
-    return F.cross_entropy(logits, pos_col)
+    zs = [F.normalize(z, dim=1) for z in zs]
+    anchors = torch.cat(zs)                                           # (M·N, d): view-major
+    cands = torch.cat([gather_with_grad(z) for z in zs])              # (M·N_g, d): view-major
+    logits = anchors @ cands.T / temperature                          # (M·N, M·N_g)  s_ab/τ
+    dev = anchors.device
+    idx = torch.arange(n, device=dev) + rank * n                      # our rows in a gathered view
+    view = torch.arange(m, device=dev).repeat_interleave(n)           # (M·N,) anchor a's view
+    image = idx.repeat(m)                                             # (M·N,) its global image
+    rows = torch.arange(m * n, device=dev)
+    logits[rows, view * n_g + image] = float("-inf")                  # b ≠ a: no self-similarity
+    log_prob = F.log_softmax(logits, dim=1)                           # log exp(s_ab/τ) / Σ_{b≠a}
+    # P(a): the columns of the same image in the M−1 other views, (M·N, M−1)
+    others = torch.tensor([[o for o in range(m) if o != v] for v in range(m)], device=dev)
+    pos_col = others[view] * n_g + image[:, None]
+    return -log_prob.gather(1, pos_col).mean()                        # mean over P(a), then over a
+
+
+def nt_xent(z1, z2, temperature=0.2):
+    """SimCLR's two-view NT-Xent (2N_g − 2 negatives per anchor): ``nt_xent_multi`` at M = 2."""
+    return nt_xent_multi([z1, z2], temperature)
+
+
+def standardize(z, eps=1e-5):
+    """z̃ = (z − μ)/√(σ² + ε) per dimension, μ and σ² (biased) over the GLOBAL batch.
+
+    The statistics are sums gathered with gradient from every rank, as GlobalBatchNorm1d
+    computes them, so W processes standardise exactly as one process on the whole batch, and
+    the gradient flows through μ and σ² to every rank's rows. (N, d) → (N, d), float32 or wider.
+    """
+    n = z.shape[0] * rank_world()[1]                                  # global batch size
+    if n < 2:
+        raise ValueError(f"standardising needs a global batch of at least 2, got {n}")
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    mean = gather_with_grad(z.sum(0, keepdim=True)).sum(0) / n        # μ: (d,)
+    zc = z - mean
+    var = gather_with_grad((zc * zc).sum(0, keepdim=True)).sum(0) / n  # σ²: (d,)
+    return zc * torch.rsqrt(var + eps)
+
+
+def multiview_loss(zs, beta=0.01, eps=1e-5):
+    """The multi-view loss of arXiv 2312.10725 (§6 of DESIGN.md): invariance + orthogonality.
+
+    zs: list of M ≥ 2 (N, d) projections of the same N local images. Per view m, z̃_m is z_m
+    standardised per dimension over the global batch; z̄ = (1/M) Σ_m z̃_m is the mean over views.
+
+        invariance    = 1/(M·N·d) Σ_m Σ_n ‖z̃_{m,n} − z̄_n‖²     (local mean; DDP's average over
+                        ranks makes it the global one). Per dimension it is 1 − mean_n z̄_n², so
+                        it lies in [0, 1]: 0 when the views agree, ≈ 1 − 1/M when they are
+                        independent; at M = 2 it is ‖z̃_1 − z̃_2‖²/(4d) per sample.
+        orthogonality = β · Σ_{i≠j} C_ij²,   C = ẑᵀẑ / N_g  (d, d) with ẑ = z̄ standardised:
+                        the correlation matrix of z̄ over the GLOBAL batch (the same on every rank).
+
+    Pulling every view to the mean estimates the augmentation kernel better with more views;
+    decorrelating the dimensions keeps the embedding from collapsing. Returns (loss, invariance,
+    orthogonality).
+    """
+    if len(zs) < 2:
+        raise ValueError(f"the multi-view loss needs at least 2 views, got {len(zs)}")
+    zt = torch.stack([standardize(z, eps) for z in zs])               # (M, N, d)
+    z_bar = zt.mean(0)                                                # (N, d)
+    invariance = (zt - z_bar).pow(2).mean()                           # mean over M, N and d
+    zh = standardize(z_bar, eps)                                      # (N, d)
+    n_g = zh.shape[0] * rank_world()[1]
+    corr = gather_with_grad((zh.T @ zh)[None]).sum(0) / n_g           # C: (d, d), global batch
+    off = corr - torch.diag_embed(torch.diagonal(corr))               # C_ij, i ≠ j (diagonal 0)
+    orthogonality = beta * off.pow(2).sum()
+    return invariance + orthogonality, invariance, orthogonality
 
 
 def moco_v3_loss(q, k, temperature=0.2):
@@ -183,6 +256,23 @@ def _check_views(views, least):
         raise ValueError(f"got {len(views)} views; this method needs at least {least}")
 
 
+def use_views(views, strategy):
+    """The views a step uses: the first M = strategy.views of the batch, all when it is None.
+
+    train.py and the probe load batches with the most views any strategy asks for, and a
+    stage with fewer views uses a prefix. The recipes put DINO's two global crops first, so
+    the prefix is the 2 global crops + the first M − 2 local crops, as compress.py charges.
+    """
+    m = getattr(strategy, "views", None)
+    if m is None:
+        return list(views)
+    if m > len(views):
+        raise ValueError(f"the strategy asks for views={m} but the batch holds {len(views)}; "
+                         f"build the view recipes with at least {m} views (for DINO: 2 global "
+                         f"+ {m - 2} local crops)")
+    return list(views[:m])
+
+
 class _Encoder(nn.Module):
     """backbone → head; the momentum encoder / teacher is a deepcopy of one of these."""
 
@@ -204,9 +294,10 @@ class SimCLR(nn.Module):
     """SimCLR: backbone → projector → NT-Xent. Every view carries gradient.
 
     View i is compressed with strategy.q for even i and strategy.k for odd i (compress.py's
-    cost model counts the same way). With M > 2 views the loss is the mean of nt_xent over all
-    M(M−1)/2 view pairs: each pair is a plain SimCLR problem whose negatives are the other
-    images, never the other views of the same image (the simplest correct generalisation).
+    cost model counts the same way: M views cost Σ_i 3·f(L_i)/f(L_0) units). With M views the
+    loss is the multi-positive NT-Xent (``nt_xent_multi``): each of the M·N rows has the M−1
+    other views of its image as positives and every other row of the M·N_g as candidates in
+    the denominator; at M = 2 it is SimCLR's own loss.
     """
 
     def __init__(self, backbone, proj_dim=128, hidden_dim=2048, temperature=0.2):
@@ -215,13 +306,13 @@ class SimCLR(nn.Module):
         self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=2)  # SimCLR: 1 hidden
 
     def forward(self, views, strategy=None, progress=0.0):
+        views = use_views(views, strategy)
         _check_views(views, 2)
         q, k = _roles(strategy)
         h = [_enc(self.backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]
         # One projector call on all views, as SimCLR does: BN statistics over the M·N rows.
         z = self.projector(torch.cat(h)).split([v.shape[0] for v in views])  # M × (N, proj)
-        pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
-        loss = sum(nt_xent(z[i], z[j], self.temperature) for i, j in pairs) / len(pairs)
+        loss = nt_xent_multi(list(z), self.temperature)
         return loss, {"loss": loss.item()}
 
     def update_target(self, progress):
@@ -234,7 +325,9 @@ class MoCoV3(nn.Module):
     symmetric=True (official): every view is a query (online, strategy.q) and a key (momentum,
     strategy.k); the loss is ctr(q1, k2) + ctr(q2, k1). symmetric=False: view 1 is only a query
     and view 2 only a key, loss = ctr(q1, k2), half the cost. With M views: queries × keys over
-    all pairs i ≠ j, mean over pairs × (2 if symmetric else 1): the above when M = 2.
+    all pairs i ≠ j, mean over pairs × (2 if symmetric else 1): the above when M = 2. Symmetric,
+    every view is encoded once online and once by the momentum encoder (M·(3 + 1) units);
+    one-directional, view 1 is the only query and views 2..M are keys (3 + (M − 1) units).
     """
 
     def __init__(self, backbone, proj_dim=256, hidden_dim=4096, temperature=0.2, symmetric=True,
@@ -249,6 +342,7 @@ class MoCoV3(nn.Module):
         self.momentum_encoder = _frozen_copy(_Encoder(backbone, self.projector))
 
     def forward(self, views, strategy=None, progress=0.0):
+        views = use_views(views, strategy)
         _check_views(views, 2)
         q_vc, k_vc = _roles(strategy)
         m = len(views)
@@ -280,6 +374,8 @@ class DINO(nn.Module):
     further views are local crops, student only, with q's drop but the base patch size: a local
     crop is already a short sequence (96 px at p=16 is 36 tokens), so patch scaling would leave
     almost nothing. Crops of equal shape share one backbone call (as DINO groups by resolution).
+    M views are 2 global + (M − 2) local crops (strategy.views = M keeps the first M − 2 local
+    ones); the loss averages H over the 2·(M − 1) (teacher crop, other student crop) pairs.
     """
 
     def __init__(self, backbone, out_dim=4096, hidden_dim=1024, bottleneck_dim=256,
@@ -307,6 +403,7 @@ class DINO(nn.Module):
         return out
 
     def forward(self, views, strategy=None, progress=0.0):
+        views = use_views(views, strategy)
         _check_views(views, 2)
         q_vc, k_vc = _roles(strategy)
         local_vc = None if q_vc is None else types.SimpleNamespace(drop=q_vc.drop,
@@ -328,7 +425,36 @@ class DINO(nn.Module):
         self.update_teacher(momentum_schedule(progress, self.momentum))
 
 
-METHODS = {"simclr": SimCLR, "moco": MoCoV3, "dino": DINO}
+class MultiView(nn.Module):
+    """Many cheap views, small projector (arXiv 2312.10725): backbone → MLP → ``multiview_loss``.
+
+    Every view carries gradient; view i is compressed with strategy.q for even i and strategy.k
+    for odd i, as in SimCLR (and charged the same by compress.py). The projector output is
+    low-dimensional (256 for ViT-S/B, 128 for narrow backbones) with no final BN: the loss
+    standardises each view itself. β = 0.01 weighs the orthogonality penalty (the second paper
+    pairs a small projector with a strong orthogonality constraint). Three layers, like the
+    Barlow Twins / VICReg projectors this loss family uses, is our choice.
+    """
+
+    def __init__(self, backbone, proj_dim=256, hidden_dim=2048, beta=0.01, layers=3):
+        super().__init__()
+        self.backbone, self.beta = backbone, beta
+        self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=layers, last_bn=False)
+
+    def forward(self, views, strategy=None, progress=0.0):
+        views = use_views(views, strategy)
+        _check_views(views, 2)
+        q, k = _roles(strategy)
+        h = [_enc(self.backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]
+        z = self.projector(torch.cat(h)).split([v.shape[0] for v in views])  # M × (N, proj)
+        loss, inv, orth = multiview_loss(list(z), self.beta)
+        return loss, {"loss": loss.item(), "invariance": inv.item(), "orthogonality": orth.item()}
+
+    def update_target(self, progress):
+        """No target network in the multi-view method."""
+
+
+METHODS = {"simclr": SimCLR, "moco": MoCoV3, "dino": DINO, "multiview": MultiView}
 
 
 def head_sizes(name, dim):
@@ -342,6 +468,8 @@ def head_sizes(name, dim):
     if name == "dino":
         return dict(out_dim=1024 if small else 65536, hidden_dim=512 if small else 2048,
                     bottleneck_dim=128 if small else 256)
+    if name == "multiview":                       # the second paper: a small projector
+        return dict(proj_dim=128 if small else 256, hidden_dim=512 if small else 2048)
     raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
 
 

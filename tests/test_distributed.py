@@ -1,11 +1,12 @@
 """Two processes equal one process on the whole batch, and a crashed worker costs nothing.
 
 Launched with ``torchrun --nproc_per_node=2`` on CPU (gloo). One launch runs this file as a
-worker script (``main`` below) that checks all three methods and writes what it measured to a
+worker script (``main`` below) that checks all four methods and writes what it measured to a
 JSON file; the tests assert on that file:
 
-* SimCLR (negatives gathered with gradient), MoCo-v3 (keys gathered without gradient) and DINO
-  (centre all-reduced): one step on 2 × 4 images gives the loss, every gradient and, after an
+* SimCLR (negatives gathered with gradient), MoCo-v3 (keys gathered without gradient), DINO
+  (centre all-reduced) and the multi-view loss (standardisation and correlation matrix over the
+  global batch, gathered with gradient): one step on 2 × 4 images gives the loss, every gradient and, after an
   SGD step and the momentum / teacher update, every parameter and buffer of one process on the
   8 concatenated images, to 1e-5. No token dropout here, so that both see identical inputs.
   The claim is checked in float64, where only the order of the sums differs (the gap is
@@ -29,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-METHODS = ("simclr", "moco", "dino")
+METHODS = ("simclr", "moco", "dino", "multiview")
 N, WORLD, IMG = 8, 2, 16                       # global batch, processes, image side
 
 
