@@ -30,11 +30,15 @@ steps would end too early or too late.
   Early in training, gradients are large and noisy: the variance term dominates and cheap,
   aggressive compression wins. As training converges, the bias of a compressed gradient
   becomes the larger error and milder compression wins. ``build`` turns probes at several
-  stages into a stage schedule by argmin CA-MSE.
+  stages into a stage schedule by argmin CA-MSE. A strategy may also set ``views`` (more,
+  cheaper views per sample; ``probe`` says what its bias then means), and ``save_heatmaps``
+  draws the three terms over drop × patch per stage, as the paper's Fig. 4.
 
 CLI::
 
-    python schedule.py probe --ckpt runs/simclr/ckpt_25.pt --grid "drop=0,0.5,0.75,0.9 patch=4,6,8"
+    python schedule.py probe --ckpt runs/simclr/ckpt_25.pt --grid "drop=0,0.5,0.75 patch=4,6,8" \
+                             --out probe_25.json          # + probe_25.png heatmaps (Fig. 4)
+    python schedule.py probe --ckpt runs/simclr/ckpt_25.pt --grid "drop=0,0.75 views=2,4"
     python schedule.py build probe_0.json probe_25.json probe_50.json probe_75.json --out sched.json
     python schedule.py lr --out lr.png                     # cosine vs polynomial (Fig. 6)
 
@@ -46,6 +50,7 @@ Usage::
     sched.at(0.3)                                                   # Strategy(q=drop 0.75)
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -155,21 +160,23 @@ class StageSchedule:
 
 # ============================================================ gradient-error analysis
 def parse_grid(text, base_patch):
-    """'drop=0,0.5,0.9 patch=16,32 roles=paper,q' → list of Strategies (the product).
+    """'drop=0,0.5,0.9 patch=16,32 roles=paper,q views=2,4' → list of Strategies (the product).
 
     roles: "paper" (default) — token dropout on the query only (asymmetric), patch scaling on
     both roles (symmetric), as in the paper; "q" — both on the query only; "qk" — both on both.
+    views: views per sample, integers ≥ 2 (DINO: 2 global + M − 2 local crops); not given, the
+    strategies leave it unset, i.e. the run's own number of views.
     """
-    fields = {"drop": [0.0], "patch": [base_patch], "roles": ["paper"]}
+    fields = {"drop": [0.0], "patch": [base_patch], "roles": ["paper"], "views": [None]}
     for part in text.split():
         key, eq, values = part.partition("=")
         if key not in fields or not eq or not values:
-            raise ValueError(f"bad grid field {part!r} in {text!r}: expected drop=…, patch=… or "
-                             "roles=… with comma-separated values")
+            raise ValueError(f"bad grid field {part!r} in {text!r}: expected drop=…, patch=…, "
+                             "roles=… or views=… with comma-separated values")
         items = [v for v in values.split(",") if v]
         try:
             fields[key] = ([float(v) for v in items] if key == "drop" else
-                           [int(v) for v in items] if key == "patch" else items)
+                           [int(v) for v in items] if key in ("patch", "views") else items)
         except ValueError:
             raise ValueError(f"grid field {key}: {values!r} is not a list of "
                              f"{'numbers' if key == 'drop' else 'integers'}") from None
@@ -182,12 +189,16 @@ def parse_grid(text, base_patch):
     for r in fields["roles"]:
         if r not in ("paper", "q", "qk"):
             raise ValueError(f"grid field roles: {r!r}; allowed: paper, q, qk")
+    for m in fields["views"]:
+        if m is not None and m < 2:
+            raise ValueError(f"grid field views: {m} must be an integer ≥ 2")
     out = []
-    for drop, patch, roles in itertools.product(fields["drop"], fields["patch"], fields["roles"]):
+    for drop, patch, roles, views in itertools.product(fields["drop"], fields["patch"],
+                                                       fields["roles"], fields["views"]):
         p = None if patch == base_patch else patch
         q = ViewCompression(drop, p)
         k = ViewCompression(drop if roles == "qk" else 0.0, p if roles in ("paper", "qk") else None)
-        s = Strategy(q, k)
+        s = Strategy(q, k, views)
         if s not in out:
             out.append(s)
     return out
@@ -232,16 +243,46 @@ def error_terms(mean_s, var_s, k, ref_mean, ref_var, k_ref, cost_ratio):
 
 
 def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches=8,
-          ref_batches=8, batch_size=64, seed=0, local_crops=0, local_size=None):
+          ref_batches=8, batch_size=64, seed=0, local_crops=0, local_size=None, views=None):
     """Gradient-error analysis of ``strategies`` at the current weights of ``method``.
 
     view_set: a data.ViewDataset (its epochs are used as fresh-augmentation draws: the
     reference uses epochs 1_000_000 + i, strategy batch k uses 2_000_000 + k, so the
     reference is independent of the estimates, and all strategies share their K batches —
     common random numbers make the comparison between strategies less noisy).
+
+    views: the run's own number of views M_0 (DINO: 2 + local crops); None = 2 + local_crops
+    for DINO, else as many as the view set's recipes. The reference g* is the UNCOMPRESSED
+    gradient at M_0 views, and so is every strategy that leaves ``views`` unset. A strategy
+    with views = M needs batches of M views: build the view set with the most views of the
+    grid (data.build_views(method, img_size, views=max_views), DINO: more local crops) and
+    every step keeps the first M of them (losses.use_views), so all strategies still share
+    their batches. Its cost c_s is charged for M views.
+
+    What bias² means with more views: g* is the gradient of the M_0-view objective, and an
+    M-view step estimates a slightly different one (SimCLR's multi-positive NT-Xent and the
+    multi-view loss change with M; MoCo and DINO average over other pairs of crops). Its bias²
+    therefore mixes compression error with that change of objective, and is not zero even
+    uncompressed. The second paper argues the M-view objective is the better estimate of the
+    ideal (augmentation-kernel) loss, so this part of the "bias" may point towards a better
+    target; the probe cannot tell the two apart. Read it as the distance from the run's own
+    gradient. Its variance term is what more views buy: less noise per sample, at M/M_0 the cost.
+
     Weights and buffers (BatchNorm statistics, DINO centre) are restored afterwards and the
     global RNG is left untouched. Returns a dict with one row per strategy.
     """
+    have = len(view_set.recipes)
+    if views is None:
+        views = 2 + local_crops if method_name == "dino" else have
+    run = dataclasses.replace(NONE, views=views)
+    # A strategy without views is run (and charged) at the run's own number of views.
+    resolved = [s if s.views is not None else dataclasses.replace(s, views=views)
+                for s in strategies]
+    most = max([views] + [s.views for s in resolved])
+    if most > have:
+        raise ValueError(f"a strategy (or the run) needs {most} views but the view set makes "
+                         f"{have}; build its recipes with views={most}"
+                         + (f" (local_crops={most - 2})" if method_name == "dino" else ""))
     params = [p for p in method.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in method.state_dict().items() if "running" in k or "num_batches" in k or k.endswith("center")}
     device = params[0].device
@@ -257,7 +298,7 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
 
     def gradient(views, strategy):
         method.zero_grad(set_to_none=True)
-        loss, _ = method(views, strategy, progress)
+        loss, _ = method(views, strategy, progress)                     # keeps strategy.views
         loss.backward()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
@@ -269,24 +310,28 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
         torch.manual_seed(seed)                                         # dropout subsets
         ref = RunningGradientStats()
         for i in range(ref_batches):
-            ref.add(gradient(batch(1_000_000 + i), NONE))
+            ref.add(gradient(batch(1_000_000 + i), run))
         stats = [RunningGradientStats() for _ in strategies]
         for k in range(batches):
-            views = batch(2_000_000 + k)
-            for s, st in zip(strategies, stats):
-                st.add(gradient(views, s))
+            batch_views = batch(2_000_000 + k)
+            for s, st in zip(resolved, stats):
+                st.add(gradient(batch_views, s))
     method.zero_grad(set_to_none=True)
     method.train(was_training)
-    c0 = cost.sample_units(method_name, NONE, local_crops=local_crops, local_size=local_size)
+    # c_s / c_0 with every view charged (strategy.views also sets DINO's local crops to M − 2)
+    price = dict(local_crops=local_crops, local_size=local_size,
+                 symmetric=getattr(method, "symmetric", True))
+    c0 = cost.sample_units(method_name, run, **price)
     rows = []
-    for s, st in zip(strategies, stats):
-        cs = cost.sample_units(method_name, s, local_crops=local_crops, local_size=local_size)
-        rows.append(dict(strategy=str(s), drop=s.q.drop, patch=s.q.patch_size, units=cs,
-                         **error_terms(st.mean, st.variance, batches, ref.mean, ref.variance,
-                                       ref_batches, cs / c0)))
+    for s, r, st in zip(strategies, resolved, stats):
+        cs = cost.sample_units(method_name, r, **price)
+        rows.append(dict(strategy=str(s), drop=s.q.drop, patch=s.q.patch_size, views=r.views,
+                         units=cs, **error_terms(st.mean, st.variance, batches, ref.mean,
+                                                 ref.variance, ref_batches, cs / c0)))
     # What the probe itself cost, in units: every gradient is a training step's forward+backward.
     spent = batch_size * (ref_batches * c0 + batches * sum(r["units"] for r in rows))
     return dict(progress=progress, batch_size=batch_size, batches=batches, ref_batches=ref_batches,
+                views=views, base_patch=getattr(cost.model, "patch_size", None),
                 ref_norm2=float(ref.mean @ ref.mean), ref_var=ref.variance, units_spent=spent,
                 seconds=time.time() - t0, rows=rows)
 
@@ -297,12 +342,15 @@ def best_strategy(result):
 
 def print_table(result, out=sys.stdout):
     print(f"progress {result['progress']:.0%} | batch {result['batch_size']} | K={result['batches']} "
-          f"K_ref={result['ref_batches']} | ‖g*‖² = {result['ref_norm2']:.3e} | "
+          f"K_ref={result['ref_batches']} | reference: {result.get('views') or '?'} views | "
+          f"‖g*‖² = {result['ref_norm2']:.3e} | "
           f"{result['seconds']:.0f} s, {result['units_spent']:,.0f} units", file=out)
-    print(f"{'strategy':<28} {'units':>6} {'bias²':>9} {'CA-var':>9} {'CA-MSE':>9}", file=out)
+    w = max([28] + [len(r["strategy"]) for r in result["rows"]])
+    print(f"{'strategy':<{w}} {'views':>5} {'units':>6} {'bias²':>9} {'CA-var':>9} {'CA-MSE':>9}",
+          file=out)
     for r in sorted(result["rows"], key=lambda r: r["ca_mse"]):
-        print(f"{r['strategy']:<28} {r['units']:6.2f} {r['bias2']:9.4f} {r['ca_var']:9.4f} "
-              f"{r['ca_mse']:9.4f}", file=out)
+        print(f"{r['strategy']:<{w}} {r.get('views') or '-':>5} {r['units']:6.2f} "
+              f"{r['bias2']:9.4f} {r['ca_var']:9.4f} {r['ca_mse']:9.4f}", file=out)
 
 
 def build_schedule(results):
@@ -315,6 +363,87 @@ def build_schedule(results):
         if s != merged[-1][1]:
             merged.append((start, s))
     return StageSchedule(merged)
+
+
+def save_heatmaps(results, path):
+    """The paper's Fig. 4: CA-MSE, bias² and cost-adjusted variance over drop × patch, as a PNG.
+
+    One row of three panels per (stage, views): x = the query's drop rate, y = its patch size,
+    log colour scale shared by all panels of a column, so that the stages compare. Where a
+    grid varies the roles, several strategies fall in one (drop, patch, views) cell: the cell
+    shows the one with the least CA-MSE (the one ``build`` would pick), in all three panels.
+    A zero (bias² clipped at 0) is drawn at the column's smallest positive value; each row's
+    least CA-MSE is boxed. matplotlib is optional: without it this prints a note and returns
+    None. Returns ``path`` when written.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no heatmaps in {path} "
+              "(pip install matplotlib)")
+        return None
+    import numpy as np
+    metrics = (("ca_mse", "CA-MSE"), ("bias2", "bias²"), ("ca_var", "cost-adjusted variance"))
+    panels = []                                          # (title, drops, patches, {metric: (P, D)})
+    for res in sorted(results, key=lambda r: r["progress"]):
+        base = res.get("base_patch")
+        for views in sorted({r.get("views") for r in res["rows"]}, key=lambda v: v or 0):
+            rows = [r for r in res["rows"] if r.get("views") == views]
+            drops = sorted({r["drop"] for r in rows})
+            patches = sorted({r["patch"] or base or 0 for r in rows})
+            best = {}                                    # (drop, patch) → row of least CA-MSE
+            for r in rows:
+                cell = (r["drop"], r["patch"] or base or 0)
+                if cell not in best or r["ca_mse"] < best[cell]["ca_mse"]:
+                    best[cell] = r
+            grids = {m: np.full((len(patches), len(drops)), np.nan) for m, _ in metrics}
+            for (d, p), r in best.items():
+                for m, _ in metrics:
+                    grids[m][patches.index(p), drops.index(d)] = r[m]
+            title = f"progress {res['progress']:.0%}" + (f", {views} views" if views else "")
+            panels.append((title, drops, patches, grids))
+    if not panels:
+        print(f"note: no probe rows to draw, so no heatmaps in {path}")
+        return None
+    norms = {}
+    for m, _ in metrics:
+        values = np.concatenate([g[m].ravel() for *_, g in panels])
+        positive = values[np.isfinite(values) & (values > 0)]
+        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
+        norms[m] = (LogNorm(lo, hi if hi > lo else lo * 10), lo)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(11, 2.8 * len(panels)), squeeze=False)
+    for row, (title, drops, patches, grids) in enumerate(panels):
+        for col, (m, label) in enumerate(metrics):
+            ax, (norm, floor) = axes[row, col], norms[m]
+            shown = np.ma.masked_invalid(np.maximum(grids[m], floor))   # zeros drawn at the floor
+            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis", norm=norm)
+            for (i, j), v in np.ndenumerate(grids[m]):
+                if np.isfinite(v):
+                    light = norm(max(v, floor)) > 0.6                 # dark text on a light cell
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                            color="k" if light else "w")
+            if np.isfinite(grids["ca_mse"]).any():
+                i, j = np.unravel_index(np.nanargmin(grids["ca_mse"]), grids["ca_mse"].shape)
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            ax.set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
+            ax.set_yticks(range(len(patches)), [str(p or "base") for p in patches])
+            ax.set_xlabel("token drop rate (query)")
+            ax.set_ylabel("patch size")
+            ax.set_title(f"{label} — {title}", fontsize=9)
+            fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _png_path(png, out):
+    """--png, else the --out path with .png, else nothing."""
+    return png or (os.path.splitext(out)[0] + ".png" if out else None)
 
 
 # ================================================================================ CLI
@@ -335,21 +464,36 @@ def _probe_checkpoint(args):
         strategies = parse_grid(args.grid, backbone.patch_size)
     except ValueError as e:
         raise SystemExit(f"error: --grid: {e}")
-    local = targs.get("local_crops", 0) if targs["method"] == "dino" else 0
+    name = targs["method"]
+    local = targs.get("local_crops", 0) if name == "dino" else 0
+    run_views = 2 + local if name == "dino" else targs.get("views") or 2   # the reference's
+    most = max([run_views] + [s.views for s in strategies if s.views is not None])
     base = data.build_dataset(targs["data"], targs.get("data_root"), "train", backbone.img_size,
                               seed=targs["seed"], size=targs.get("data_size"))
-    recipes = data.build_views(targs["method"], backbone.img_size, local_crops=local,
-                               dataset=targs["data"])
+    # Batches with the most views of the grid; each strategy keeps the first M (use_views).
+    if name == "dino":
+        # The run's own global crops (their scale depends on whether the run had local
+        # crops), then as many local crops as the largest views of the grid needs.
+        recipes = (data.build_views(name, backbone.img_size, local_crops=local,
+                                    dataset=targs["data"])[:2]
+                   + data.build_views(name, backbone.img_size, local_crops=most - 2,
+                                      dataset=targs["data"])[2:])
+    else:
+        recipes = data.build_views(name, backbone.img_size, views=most, dataset=targs["data"])
     cost = CostModel(backbone, targs.get("cost", "flops"))
     progress = ckpt["state"]["spent"] / targs["budget"]
     result = probe(method, data.ViewDataset(base, recipes, seed=targs["seed"]), strategies,
-                   targs["method"], cost, progress, args.batches, args.ref_batches,
-                   args.batch_size, args.seed, local, recipes[-1].size if local else None)
+                   name, cost, progress, args.batches, args.ref_batches, args.batch_size,
+                   args.seed, local, recipes[-1].size if name == "dino" and most > 2 else None,
+                   views=run_views)
     result["ckpt"] = args.ckpt
     print_table(result)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    png = _png_path(args.png, args.out)
+    if png and save_heatmaps([result], png):
+        print(f"heatmaps → {png}")
     return result
 
 
@@ -359,15 +503,20 @@ def main(argv=None):
     p = sub.add_parser("probe", help="bias², cost-adjusted variance and CA-MSE at a checkpoint")
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. runs/simclr/ckpt_25.pt")
     p.add_argument("--grid", default="drop=0,0.25,0.5,0.75 patch=4,6,8",
-                   help="strategies: drop=…, patch=…, roles=paper|q|qk (product of the lists)")
+                   help="strategies: drop=…, patch=…, roles=paper|q|qk, views=2,4 (product of "
+                        "the lists; views unset = the run's own)")
     p.add_argument("--batches", type=int, default=8, help="K gradients per strategy")
     p.add_argument("--ref-batches", type=int, default=8, help="K_ref uncompressed gradients for g*")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result as JSON")
+    p.add_argument("--png", default=None, help="heatmaps of CA-MSE, bias², CA-var (Fig. 4; needs "
+                   "matplotlib); default: the --out path with .png")
     b = sub.add_parser("build", help="stage schedule = argmin CA-MSE of each probe")
     b.add_argument("probes", nargs="+", help="probe JSON files, one per stage")
     b.add_argument("--out", required=True)
+    b.add_argument("--png", default=None, help="heatmaps of every stage in one figure (needs "
+                   "matplotlib); default: the --out path with .png")
     lr = sub.add_parser("lr", help="cosine vs polynomial learning rate (Fig. 6)")
     lr.add_argument("--warmup", type=float, default=0.05)
     lr.add_argument("--out", default=None, help="PNG path (needs matplotlib)")
@@ -389,6 +538,9 @@ def main(argv=None):
         sched = build_schedule(results)
         sched.save(args.out)
         print(f"schedule: {sched} → {args.out}")
+        png = _png_path(args.png, args.out)
+        if png and save_heatmaps(results, png):
+            print(f"heatmaps → {png}")
     else:
         ts = [i / 100 for i in range(101)]
         print("progress  cosine    poly(α=2)")

@@ -1,4 +1,5 @@
 """schedule.py: learning rates, stage schedules, and the gradient-error estimator (paper §5)."""
+import io
 import json
 import math
 import os
@@ -13,8 +14,9 @@ import compress  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import vit  # noqa: E402
+import schedule  # noqa: E402
 from schedule import (RunningGradientStats, StageSchedule, build_schedule, error_terms,  # noqa: E402
-                      learning_rate, parse_grid, probe)
+                      learning_rate, parse_grid, print_table, probe, save_heatmaps)
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine_or_polynomial():
@@ -61,6 +63,7 @@ def test_a_malformed_schedule_names_the_field(tmp_path, obj, field):
 @pytest.mark.parametrize("grid, field", [
     ("drop=0,1.2", "drop: 1.2"), ("patch=0", "patch: 0"), ("roles=kq", "roles: 'kq'"),
     ("dorp=0.5", "dorp=0.5"), ("drop=a", "drop: 'a'"), ("patch", "'patch'"),
+    ("views=1", "views: 1"), ("views=2.5", "views: '2.5'"), ("views=", "'views='"),
 ])
 def test_a_malformed_grid_names_the_field(grid, field):
     with pytest.raises(ValueError) as err:
@@ -138,3 +141,74 @@ def test_probe_runs_on_a_real_method_restores_its_state_and_charges_its_cost():
     c0 = cost.sample_units("moco", compress.NONE)
     assert out["units_spent"] == pytest.approx(8 * (3 * c0 + 3 * sum(cost.sample_units("moco", s)
                                                                      for s in strategies)))
+
+
+def test_grid_views_multiply_the_product_and_default_to_the_runs_own():
+    assert all(s.views is None for s in parse_grid("drop=0,0.5", 4))
+    cells = parse_grid("drop=0,0.5 views=2,4", 4)
+    assert [str(s) for s in cells] == ["views=2", "views=4", "q:drop=0.5;views=2",
+                                       "q:drop=0.5;views=4"]
+
+
+def test_probe_over_views_runs_each_strategy_on_its_views_and_charges_them():
+    torch.manual_seed(0)
+    backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
+    method = losses.build_method("simclr", backbone, proj_dim=16, hidden_dim=32)
+    views = data.ViewDataset(data.build_dataset("embedded", size=32, img_size=16),
+                             data.build_views("simclr", 16, views=3), seed=0)
+    strategies = parse_grid("drop=0,0.5 views=2,3", 4) + [compress.NONE]       # 5 strategies
+    cost = compress.CostModel(backbone)
+    out = probe(method, views, strategies, "simclr", cost, batches=2, ref_batches=2,
+                batch_size=4, views=2)
+    assert out["views"] == 2 and [r["views"] for r in out["rows"]] == [2, 3, 2, 3, 2]
+    assert all(r["units"] > 0 for r in out["rows"])
+    units = {r["strategy"]: r["units"] for r in out["rows"]}
+    assert units["views=3"] == pytest.approx(9) and units["views=2"] == units["none"] == 6
+    assert units["q:drop=0.5;views=3"] > units["q:drop=0.5;views=2"]
+    # a strategy without views runs at the run's own: "none" is "views=2", gradient for gradient
+    none, two = out["rows"][-1], out["rows"][0]
+    assert all(none[k] == two[k] for k in ("bias2", "var", "ca_mse"))
+    text = io.StringIO()
+    print_table(out, text)
+    assert "views" in text.getvalue() and "q:drop=0.5;views=3" in text.getvalue()
+    with pytest.raises(ValueError, match="needs 4 views but the view set makes 3"):
+        probe(method, views, parse_grid("views=4", 4), "simclr", cost, batches=2,
+              ref_batches=2, batch_size=4, views=2)
+
+
+def _fake_result(progress, views=(None,)):
+    rows = [dict(strategy=str(compress.Strategy(compress.ViewCompression(d, p),
+                                                compress.ViewCompression(0.0, p), v)),
+                 drop=d, patch=p, views=v, units=1.0,
+                 bias2=0.0 if d == 0 else d * 0.1, ca_var=1.0 - d / 2, ca_mse=1.0 - d / 3)
+            for d in (0.0, 0.5, 0.75) for p in (None, 8) for v in views]
+    return dict(progress=progress, base_patch=4, rows=rows)
+
+
+def test_heatmaps_are_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "fig4.png"
+    assert save_heatmaps([_fake_result(0.25, (2, 4)), _fake_result(0.0)], str(path)) == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmaps_without_matplotlib_print_a_note_and_do_not_fail(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)               # import → ImportError
+    path = tmp_path / "fig4.png"
+    assert save_heatmaps([_fake_result(0.0)], str(path)) is None
+    assert "matplotlib" in capsys.readouterr().out and not path.exists()
+
+
+def test_build_cli_writes_the_schedule_and_the_heatmaps_beside_it(tmp_path):
+    paths = []
+    for t in (0.0, 0.5):
+        paths.append(str(tmp_path / f"probe_{t}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(_fake_result(t), f)
+    schedule.main(["build", *paths, "--out", str(tmp_path / "sched.json")])
+    assert StageSchedule.load(str(tmp_path / "sched.json")).stages[0][0] == 0.0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "sched.png").exists()
