@@ -167,7 +167,7 @@ def main(argv=None):
     base_units = price(compress.NONE)
     state = dict(step=0, spent=0.0, epoch=0, batch_in_epoch=0, stage=0, ckpts_done=[],
                  evals_done=0, saves_done=0, images=0, wall=0.0, prices=prices, bad_files=[],
-                 auto=[])
+                 auto=[], eval_wall=0.0)
     if resume_path:
         restore(ckpt, resume_path, args, backbone, method, optimizer)
         state.update(ckpt["state"])
@@ -200,7 +200,7 @@ def main(argv=None):
         result = probe(method, probe_set, grid, args.method, cost, progress=progress,
                        batches=args.auto_batches, ref_batches=args.auto_batches,
                        batch_size=per_rank, seed=(args.seed + 1) * 7919 + 104_729 * n + rank,
-                       local_crops=args.local_crops, local_size=local_size)
+                       local_crops=args.local_crops, local_size=local_size, views=args.views)
         best = min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]
         if world > 1:
             box = [best]
@@ -306,11 +306,16 @@ def main(argv=None):
 
     def knn(tag):
         if master:
+            t0 = time.time()
             with torch.random.fork_rng(devices=[]):         # evaluation must not move the RNG
                 acc = evaluation.knn_accuracy(backbone, *knn_sets, device)
             print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(knn_sets[1])} val images)",
                   flush=True)
-            log(dict(step=state["step"], progress=state["spent"] / args.budget, knn=acc))
+            # train_wall: seconds of training so far, without the evaluations (figures.py
+            # compares runs in wall-clock time, and they need not evaluate equally often)
+            log(dict(step=state["step"], progress=state["spent"] / args.budget, knn=acc,
+                     units=state["spent"], train_wall=state["wall"] - state["eval_wall"]))
+            state["eval_wall"] += time.time() - t0
         if world > 1:
             dist.barrier()
 

@@ -33,7 +33,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
 def test_each_method_trains_end_to_end(tmp_path, method):
     out = str(tmp_path / method)
     extra = ["--local-crops", "2"] if method == "dino" else []
@@ -140,3 +140,25 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
     assert ckpt["state"]["spent"] == pytest.approx(spent) and spent >= 3000
     assert os.path.isfile(os.path.join(out, "probe_0.json"))
     assert os.path.isfile(os.path.join(out, "probe_50.json"))
+
+
+def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_path):
+    """--views 2 with a schedule whose second stage uses 4 views: batches carry 4 views, the
+    first stage uses 2 of them, and each step pays for the views it used."""
+    sched = tmp_path / "sched.json"
+    StageSchedule([(0.0, compress.Strategy.parse("none")),
+                   (0.5, compress.Strategy.parse("qk:drop=0.5;views=4"))]).save(sched)
+    out = str(tmp_path / "run")
+    run(["--method", "simclr", "--views", "2", "--budget", "2k", "--out", out, "--accel",
+         str(sched), *TINY])
+    cost = compress.CostModel(vit.build_vit("cpu"))
+    spent, used = 0.0, set()
+    for r in read_log(out):
+        if "loss" in r:
+            used.add(r["strategy"])
+            spent += 16 * cost.sample_units("simclr", compress.Strategy.parse(r["strategy"]))
+            assert r["units"] == pytest.approx(spent)
+    assert used == {"views=2", "q:drop=0.5;k:drop=0.5;views=4"}
+    # 4 views at drop 0.5 cost about what 2 full views cost (every view carries gradient)
+    assert cost.sample_units("simclr", compress.Strategy.parse("views=4")) == pytest.approx(12)
+    assert cost.sample_units("simclr", compress.Strategy.parse("views=2")) == pytest.approx(6)
