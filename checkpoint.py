@@ -71,7 +71,8 @@ def set_rng_state(s):
 # Arguments that define what is trained: a resume must not change them.
 FIXED_ARGS = ("method", "data", "model", "img_size", "patch_size", "batch_size", "budget", "lr",
               "weight_decay", "lr_schedule", "warmup", "accel", "cost", "symmetric",
-              "local_crops", "seed", "data_size", "views", "auto_grid", "auto_at", "auto_batches")
+              "local_crops", "seed", "data_size", "views", "auto_grid", "auto_at", "auto_batches",
+              "momentum")
 
 
 def check_out_dir(args):

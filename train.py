@@ -109,6 +109,8 @@ def main(argv=None):
     method_kwargs = losses.head_sizes(args.method, backbone.dim)
     if args.method == "moco":
         method_kwargs["symmetric"] = args.symmetric
+    if args.momentum is not None and args.method in ("moco", "dino"):
+        method_kwargs["momentum"] = args.momentum
     method = losses.build_method(args.method, backbone, **method_kwargs).to(device)
     cost = compress.CostModel(backbone, args.cost)
 
