@@ -1,6 +1,8 @@
 """Claims of data.py: the embedded data is deterministic and balanced, every augmentation is a
-pure function of its generator, views replay exactly after a restart, the sampler splits an
-epoch across ranks without overlap and resumes mid-epoch, and bad inputs give clear errors."""
+pure function of its generator, the batched augmentation makes the reference's views (to float
+rounding) and makes each the same in any batch, views replay exactly after a restart, the
+sampler splits an epoch across ranks without overlap and resumes mid-epoch, and bad inputs give
+clear errors."""
 import os
 import re
 import sys
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import torchvision.transforms.v2.functional as F
 
 import data
 from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSampler, ViewDataset,
@@ -95,6 +99,79 @@ def test_view_shapes_per_method(method, kw, sizes):
     ds = ViewDataset(EmbeddedShapes("train", size=8), recipes)
     views, labels = next(iter(build_loader(ds, 4, ResumableSampler(8, 4))))
     assert [tuple(v.shape) for v in views] == [(4, 3, s, s) for s in sizes] and labels.shape == (4,)
+
+
+# ===== batched augmentation: the same views, a batch at a time =====
+
+def _every_op(recipes, p=0.5):
+    """The recipes with every coin at p (jitter always on), so a batch mixes taken and not
+    taken branches, and hue over its whole range."""
+    return [ViewRecipe(**{**r.__dict__, "flip_p": p, "jitter_p": 1.0, "grayscale_p": p,
+                          "blur_p": p, "solarize_p": p, "hue": 0.5}) for r in recipes]
+
+
+def test_each_batched_op_matches_torchvision_with_a_factor_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 20, generator=g)
+    x[0, :, :5] = 0.5                                        # grey pixels: hue undefined
+    f = 0.2 + 1.6 * torch.rand(6, generator=g)               # brightness, contrast, saturation
+    h = torch.linspace(-0.5, 0.5, 6)                         # the whole hue range
+    sigma = 0.1 + 2 * torch.rand(6, generator=g)
+    cases = [(data._brightness(x, f), lambda i: F.adjust_brightness(x[i], f[i].item())),
+             (data._contrast(x, f), lambda i: F.adjust_contrast(x[i], f[i].item())),
+             (data._saturation(x, f), lambda i: F.adjust_saturation(x[i], f[i].item())),
+             (data._hue(x, h), lambda i: F.adjust_hue(x[i], h[i].item())),
+             (data._gray(x).expand(-1, 3, -1, -1), lambda i: F.rgb_to_grayscale(x[i], 3)),
+             (data._gaussian_blur(x, sigma, 5), lambda i: F.gaussian_blur(x[i], [5, 5],
+                                                                          [sigma[i].item()] * 2))]
+    for batched, one in cases:
+        assert torch.allclose(batched, torch.stack([one(i) for i in range(6)]), atol=1e-5)
+
+
+def test_batched_crops_are_resized_crop_bit_for_bit_for_images_of_any_size():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in ((32, 32), (20, 48), (96, 64), (7, 9))]
+    boxes = [(0, 0, 32, 32), (3, 10, 12, 30), (5, 2, 90, 60), (1, 1, 5, 4)]  # shrink and enlarge
+    crops = data.resized_crops(images, boxes, 24)                            # (4, 3, 24, 24)
+    for img, box, crop in zip(images, boxes, crops):
+        ref = F.resized_crop(F.to_dtype(img, torch.float32, scale=True), *box, [24, 24],
+                             antialias=True)
+        assert torch.equal(crop, ref)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
+def test_batched_views_match_the_per_image_reference(method):
+    recipes = _every_op(build_views(method, 32, local_crops=2))
+    base = EmbeddedShapes("train", size=12)
+    batched = ViewDataset(base, recipes, seed=4).__getitems__(list(range(12)))
+    reference = ViewDataset(base, recipes, seed=4, batched=False).__getitems__(list(range(12)))
+    for (views, label), (ref_views, ref_label) in zip(batched, reference):
+        assert label == ref_label
+        for v, r in zip(views, ref_views):
+            assert v.shape == r.shape and torch.allclose(v, r, atol=1e-5)
+
+
+def test_a_view_is_the_same_in_any_batch_with_any_workers_or_threads():
+    # images of two sizes, so that a batch may mix them (as an image folder's do)
+    images = EmbeddedShapes("train", size=12, img_size=40).images
+    small = EmbeddedShapes("train", size=12).images
+    base = [(images[i] if i % 3 else small[i], i) for i in range(12)]
+    ds = ViewDataset(base, _every_op(build_views("dino", 32, local_crops=1)), seed=5)
+    ds.set_epoch(1)
+    alone = [ds[i][0] for i in range(12)]                       # one image at a time
+    same = lambda views, i: all(torch.equal(v, a) for v, a in zip(views, alone[i]))
+    order = [7, 2, 11, 0, 5, 9, 1, 4, 3, 10, 8, 6]
+    assert all(same(item[0], i) for item, i in zip(ds.__getitems__(order), order))
+    torch.set_num_threads(2)                                    # restored by the fixture
+    assert all(same(item[0], i) for item, i in zip(ds.__getitems__(order[:5]), order[:5]))
+    for batch_size, workers in ((3, 0), (4, 2)):
+        sampler = ResumableSampler(12, batch_size, shuffle=False)
+        sampler.set_epoch(1)
+        loader = build_loader(ds, batch_size, sampler, num_workers=workers)
+        for j, (views, labels) in enumerate(loader):
+            assert all(same([v[b] for v in views], i) for b, i in enumerate(labels.tolist()))
+        assert j == 12 // batch_size - 1
 
 
 def test_recipes_follow_the_official_strengths():
