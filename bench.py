@@ -1,28 +1,42 @@
-"""Speed: what a compressed training step really costs, beside what the cost model predicts.
+"""Speed: what a compressed training step really costs, and whether the data keeps up with it.
 
 Concern: the paper's acceleration claim rests on the cost model of §4 (Fig. 3): a view
 encoded as L tokens costs f(L)/f(L_base) of an uncompressed one, with
-f(L) = depth·(24LD² + 4L²D) + patch embedding. This file times the thing that the budget
-actually pays for, a full training step of the backbone (forward + backward + AdamW step),
-for the baseline and for each (drop, patch) cell, and prints the measured speed-up next
-to the predicted one f(L_base)/f(L_cell). (A step is ≈ 3 forwards for every cell, so the
-ratio of steps predicted by the model is the ratio of forwards.)
+f(L) = depth·(24LD² + 4L²D) + patch embedding. This file times what the budget actually pays
+for and what can stand in its way. One function per section (``--section``):
 
-Cells are timed interleaved — round-robin over all cells, repeated — so that slow drift of
-the machine (thermal throttling, another process) falls on every cell alike; each cell's
-figure is the median of its timed steps. Where the measured speed-up falls short of the
+* ``step`` (the default): a full training step of the backbone (forward + backward + AdamW
+  step) for the baseline and for each (drop, patch) cell, with the measured speed-up next to
+  the predicted one f(L_base)/f(L_cell). (A step is ≈ 3 forwards for every cell, so the ratio
+  of steps predicted by the model is the ratio of forwards.)
+* ``loader``: images/s of each method's augmentation pipeline through data.build_loader, the
+  per-image reference (``data.augment``) against the batched one (``data.augment_batch``), at
+  the CPU preset (32 px, the embedded dataset) and at 224 px (random 256² images in memory,
+  so that no decoding is timed), with 0 and 2 loader workers.
+* ``methods``: images/s of a whole SimCLR / MoCo-v3 / DINO training step (heads, loss,
+  momentum update included), uncompressed and under the most compressed strategy of the
+  default schedule (drop 0.75 and twice the base patch), beside the images/s one loader
+  process makes for that method: a compressed step that outruns the loader is loader-bound
+  (on CPU the workers also take cores from the step). ``--peak-tflops`` adds MFU.
+* ``adamw``: one AdamW step over the parameters of the cpu and tiny presets (backbone +
+  SimCLR head), PyTorch's foreach implementation against the fused one.
+
+Timings are interleaved — round-robin over everything compared, repeated — so that slow
+drift of the machine (thermal throttling, another process) falls on all alike; each figure is
+the median of its timed rounds. Where the measured speed-up of ``step`` falls short of the
 predicted one at short sequences, read the ``opt`` column: the AdamW step costs the same at
 every sequence length, and the cost model leaves it out (right for the large batches of real
-training, less so for a small CPU batch); ``fwd+bwd only`` is the speed-up without it.
-
-Sections are one function each (``--what``); ``step`` is the only one so far (per-method
-throughput, data-loader throughput and GPU utilisation are meant to join it).
+training, less so for a small CPU batch); ``fwd+bwd only`` is the speed-up without it. On a
+shared machine ``--threads 1`` gives steadier figures: OpenMP threads wait for each other at
+every op, and one that is descheduled can make two threads slower than one.
 
 Usage::
 
-    python bench.py                                        # ViT-Ti/16 at 224 px on CPU, < 2 min
+    python bench.py                                        # step: ViT-Ti/16, 224 px, CPU, < 2 min
     python bench.py --grid "drop=0,0.5,0.75,0.9 patch=16,32" --steps 10
-    python bench.py --device cuda --batch-size 128 --model base
+    python bench.py --section loader --workers 0,2         # per-image vs batched augmentation
+    python bench.py --section methods,adamw                # CPU preset; --models cpu,small,base
+    python bench.py --section all --device cuda --batch-size 128 --models small --peak-tflops 989
     python bench.py --compare-timm     # also time timm's ViT of the same shape, if installed
 """
 import argparse
@@ -30,12 +44,16 @@ import functools
 import importlib
 import itertools
 import json
+import math
 import platform
 import statistics
 import time
 
 import torch
 
+import compress
+import data
+import losses
 import vit
 from compress import forward_flops
 
@@ -88,9 +106,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def adamw(model, device):
-    """The optimizer as train.py builds it: fused kernel on GPU, PyTorch's default on CPU."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def make_adamw(params, fused=None):
+    """AdamW as train.py builds it: fused (one kernel for all parameters) where this torch has
+    it for the device, else the foreach implementation. ``fused=False`` forces foreach."""
+    params = list(params)
+    if fused is not False:
+        try:
+            return torch.optim.AdamW(params, lr=1e-4, fused=True)
+        except RuntimeError:
+            if fused:
+                raise
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
 def make_step(features, opt, device):
@@ -137,18 +163,19 @@ def interleaved_times(steps, warmup, reps):
 def bench_step(args, device):
     """Train-step time per (drop, patch) cell, measured against the cost model's prediction."""
     torch.manual_seed(0)
+    batch = args.batch_size or 16
     model = vit.build_vit(args.model, img_size=args.img_size).to(device).train()
     p0 = model.patch_size
     grid = f"drop=0.5,0.75,0.9; patch={2 * p0}" if args.grid is None else args.grid
     cells = parse_grid(grid, p0)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     # one model and one optimizer for all cells: the weights' values do not change the
     # cost, and AdamW's state has the same size whatever the sequence length
-    opt = adamw(model, device)
+    opt = make_adamw(model.parameters())
     names = [cell_name(d, p, p0) for d, p in cells]
     steps = {n: make_step(functools.partial(model, images, patch_size=p, drop=d), opt, device)
              for n, (d, p) in zip(names, cells)}
-    print(f"# step: ViT-{args.model}/{p0} at {args.img_size} px, batch {args.batch_size}, "
+    print(f"# step: ViT-{args.model}/{p0} at {args.img_size} px, batch {batch}, "
           f"{device}, {torch.get_num_threads()} threads; {len(cells)} cells interleaved, "
           f"{args.warmup} warm-up + {args.steps} timed rounds")
     times = interleaved_times(steps, args.warmup, args.steps)
@@ -166,7 +193,7 @@ def bench_step(args, device):
                          ms_max=1e3 * max(t["all"]),
                          ms_forward=1e3 * t["forward"], ms_backward=1e3 * t["backward"],
                          ms_optimizer=1e3 * t["optimizer"],
-                         images_per_s=args.batch_size / t["total"],
+                         images_per_s=batch / t["total"],
                          measured_speedup=measured, predicted_speedup=predicted,
                          ratio=measured / predicted,
                          # the same, leaving out the optimizer step (its cost does not
@@ -181,7 +208,7 @@ def bench_step(args, device):
               f"{r['ms_forward'] + r['ms_backward']:>9.1f}{r['ms_optimizer']:>6.1f}"
               f"{r['measured_speedup']:>9.2f}×{r['predicted_speedup']:>10.2f}×{r['ratio']:>11.2f}"
               f"{r['measured_speedup_fwd_bwd']:>13.2f}×")
-    return dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+    return dict(model=args.model, img_size=args.img_size, batch_size=batch,
                 warmup=args.warmup, steps=args.steps, cells=rows)
 
 
@@ -195,6 +222,7 @@ def compare_timm(args, device):
         print(f"# timm: not importable ({e}); comparison skipped")
         return dict(skipped=str(e))
     torch.manual_seed(0)
+    batch = args.batch_size or 16
     ours = vit.build_vit(args.model, img_size=args.img_size).to(device)
     c = ours.config()
     theirs = VisionTransformer(img_size=c["img_size"], patch_size=c["patch_size"],
@@ -202,11 +230,11 @@ def compare_timm(args, device):
                                num_heads=c["heads"], mlp_ratio=c["mlp_ratio"], qkv_bias=True,
                                num_classes=0, class_token=True, global_pool="token").to(device)
     theirs.load_state_dict(ours.state_dict(), strict=True)     # raises if the layouts differ
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     with torch.no_grad():
         diff = (ours.eval()(x) - theirs.eval()(x)).abs().max().item()
     ours.train(), theirs.train()
-    steps = {name: make_step(functools.partial(m, x), adamw(m, device), device)
+    steps = {name: make_step(functools.partial(m, x), make_adamw(m.parameters()), device)
              for name, m in (("ours", ours), ("timm", theirs))}
     times = interleaved_times(steps, args.warmup, args.steps)
     ms = {k: 1e3 * v["total"] for k, v in times.items()}
@@ -218,25 +246,226 @@ def compare_timm(args, device):
                 ms_ours=ms["ours"], ms_timm=ms["timm"], ratio_ours_over_timm=ms["ours"] / ms["timm"])
 
 
-SECTIONS = {"step": bench_step}
+# ===================================================== data: can the loader keep up?
+# Each loader configuration: (method, DINO local crops). DINO's 6 local crops (its 2+6
+# multi-crop recipe at 224) make a sample 8 views, most of the loader's work.
+LOADER_METHODS = {"simclr": ("simclr", 0), "moco": ("moco", 0), "dino+2": ("dino", 2),
+                  "dino+6": ("dino", 6)}
+
+
+def loader_base(img_size, n):
+    """n images of what a loader at ``img_size`` reads. Up to 64 px: the embedded dataset
+    rendered at that size (train.py's default data). Above: random uint8 images 8/7 larger than
+    the crop (256² for 224, the usual ImageNet resize), already decoded, so that only the
+    augmentation is timed (decoding a JPEG costs a few ms more per image, on top)."""
+    if img_size <= 64:
+        return data.build_dataset("embedded", img_size=img_size, size=n)
+    side = round(img_size * 8 / 7)
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return data.TensorImages(images, torch.zeros(n, dtype=torch.long), ["noise"])
+
+
+def loader_rate(view_set, batch_size, workers, batches):
+    """Images/s of data.build_loader in steady state: ``batches`` timed batch arrivals, after
+    skipping the first 1 + 4·workers (start-up, and the batches the workers prefetched while
+    the first one was awaited). ``view_set`` must hold (1 + 4·workers + batches)·batch_size
+    images: one epoch. With no workers, this process makes the batches on one thread, as a
+    worker does (DataLoader gives each one thread): on a busy machine, several threads that
+    wait for each other at every small op can be slower than one."""
+    skip, threads = 1 + 4 * workers, torch.get_num_threads()
+    sampler = data.ResumableSampler(len(view_set), batch_size, shuffle=False)
+    loader = data.build_loader(view_set, batch_size, sampler, num_workers=workers)
+    sampler.set_epoch(0)
+    arrivals = []
+    torch.set_num_threads(1 if workers == 0 else threads)
+    try:
+        for _ in loader:
+            arrivals.append(time.perf_counter())
+            if len(arrivals) == skip + batches:
+                break
+    finally:
+        torch.set_num_threads(threads)
+        del loader                              # stops persistent workers
+    return batches * batch_size / (arrivals[-1] - arrivals[skip - 1])
+
+
+def bench_loader(args, device):
+    """Augmentation throughput: per-image reference vs batched, per method, size and workers."""
+    rows = []
+    print(f"# loader: images/s of data.build_loader, {args.steps} timed batches after "
+          f"1 + 4·workers skipped; per-image data.augment vs data.augment_batch; "
+          f"one thread per loader process")
+    print(f"{'size':>5} {'method':<8}{'batch':>6}{'workers':>8}{'per-image':>11}{'batched':>9}"
+          f"{'speed-up':>10}")
+    for size in args.loader_sizes:
+        batch = args.batch_size or (64 if size <= 64 else 16)
+        n = (1 + 4 * max(args.workers) + args.steps) * batch
+        base = loader_base(size, n)
+        for name, (method, local) in LOADER_METHODS.items():
+            if method not in args.methods:
+                continue
+            recipes = data.build_views(method, size, local_crops=local,
+                                       dataset="embedded" if size <= 64 else None)
+            for workers in args.workers:
+                rate = {kind: loader_rate(data.ViewDataset(base, recipes, seed=0, batched=b),
+                                          batch, workers, args.steps)
+                        for kind, b in (("per_image", False), ("batched", True))}
+                rows.append(dict(size=size, method=name, batch=batch, workers=workers, **rate,
+                                 speedup=rate["batched"] / rate["per_image"]))
+                r = rows[-1]
+                print(f"{size:>5} {name:<8}{batch:>6}{workers:>8}{r['per_image']:>11.0f}"
+                      f"{r['batched']:>9.0f}{r['speedup']:>9.1f}×", flush=True)
+    return dict(rows=rows)
+
+
+# ================================================== methods: a whole training step
+def method_step(method, opt, views, strategy, device):
+    """One training step as train.py takes it: loss (bf16 autocast on GPU), backward, AdamW,
+    momentum / teacher update."""
+    def step():
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = method(views, strategy, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        method.update_target(0.5)
+        sync(device)
+        return dict(total=time.perf_counter() - t0)
+    return step
+
+
+def bench_methods(args, device):
+    """Images/s of each method's step, uncompressed and compressed, beside its loader's."""
+    rows = []
+    peak = f", MFU against {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
+    print(f"# methods: images/s of a whole training step (forward, backward, AdamW, momentum "
+          f"update) on {device}, {torch.get_num_threads()} thread(s), {args.warmup} warm-up + "
+          f"{args.steps} timed rounds interleaved{peak}; loader: images/s of ONE loader process "
+          f"(one thread), per-image / batched augmentation")
+    head = (f"{'model':<6}{'method':<8}{'batch':>6} {'strategy':<34}{'ms/step':>9}{'img/s':>8}"
+            + (f"{'MFU':>7}" if args.peak_tflops else "")
+            + f"{'loader per-image':>18}{'batched':>9}  verdict (per-image / batched)")
+    print(head)
+    for model_name in args.models:
+        p0, img = vit.PRESETS[model_name]["patch_size"], vit.PRESETS[model_name]["img_size"]
+        batch = args.batch_size or (64 if img <= 64 else 8)
+        # the most compressed stage of the default schedule: drop 0.75 and twice the base patch
+        compressed = f"q:drop=0.75,patch={2 * p0};k:patch={2 * p0}"
+        strategies = {"none": compress.NONE, compressed: compress.Strategy.parse(compressed)}
+        base = loader_base(img, (1 + args.steps) * batch)
+        for name in [m for m in ("simclr", "moco", "dino") if m in args.methods]:
+            torch.manual_seed(0)
+            backbone = vit.build_vit(model_name)
+            method = losses.build_method(name, backbone, **losses.head_sizes(name, backbone.dim))
+            method = method.to(device).train()
+            opt = make_adamw([p for p in method.parameters() if p.requires_grad])
+            recipes = data.build_views(name, img, dataset="embedded" if img <= 64 else None)
+            views = [torch.randn(batch, 3, r.size, r.size, device=device) for r in recipes]
+            steps = {s: method_step(method, opt, views, st, device) for s, st in strategies.items()}
+            times = interleaved_times(steps, args.warmup, args.steps)
+            loader = {kind: loader_rate(data.ViewDataset(base, recipes, batched=b), batch, 0,
+                                        args.steps)
+                      for kind, b in (("per_image", False), ("batched", True))}
+            # FLOPs of a sample = its units (views × f(L_view)/f(L_base) × 3 with gradient,
+            # × 1 without: the budget's own count) × f(L_base), the base forward FLOPs.
+            # (MFU is not checked on a GPU yet: none was at hand when this was written.)
+            cost = compress.CostModel(backbone)
+            for s, st in strategies.items():
+                ips = batch / times[s]["total"]
+                flops = ips * cost.sample_units(name, st) * cost.base             # FLOP/s
+                verdict = ["model-bound" if loader[k] >= ips else
+                           f"loader-bound (≥{math.ceil(ips / loader[k])} workers)"
+                           for k in ("per_image", "batched")]
+                rows.append(dict(model=model_name, method=name, batch=batch, strategy=s,
+                                 ms_per_step=1e3 * times[s]["total"], images_per_s=ips,
+                                 flop_per_s=flops,
+                                 mfu=flops / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+                                 loader_per_image=loader["per_image"],
+                                 loader_batched=loader["batched"], verdict=verdict))
+                print(f"{model_name:<6}{name:<8}{batch:>6} {s:<34}{1e3 * times[s]['total']:>9.1f}"
+                      f"{ips:>8.0f}" + (f"{rows[-1]['mfu']:>6.1%} " if args.peak_tflops else "")
+                      + f"{loader['per_image']:>18.0f}{loader['batched']:>9.0f}  "
+                      f"{verdict[0]} / {verdict[1]}", flush=True)
+    return dict(rows=rows)
+
+
+# ======================================================= adamw: foreach vs fused
+def bench_adamw(args, device):
+    """One AdamW step over a preset's backbone + SimCLR head: foreach vs fused, interleaved."""
+    rows = []
+    print(f"# adamw: one optimizer step on {device}, {torch.get_num_threads()} thread(s), "
+          f"{args.warmup} warm-up + {args.steps} timed rounds interleaved")
+    print(f"{'model':<6}{'params':>10}{'foreach ms':>12}{'fused ms':>10}{'fused speed-up':>16}")
+    for model_name in args.adamw_models:
+        torch.manual_seed(0)
+        backbone = vit.build_vit(model_name)
+        method = losses.build_method("simclr", backbone, **losses.head_sizes("simclr", backbone.dim))
+        params = [p for p in method.to(device).parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        try:
+            opts = {"foreach": make_adamw(params, fused=False), "fused": make_adamw(params, fused=True)}
+        except RuntimeError as e:      # no fused AdamW for this device in this torch
+            print(f"{model_name:<6} fused AdamW unavailable here ({e}); skipped")
+            rows.append(dict(model=model_name, skipped=str(e)))
+            continue
+
+        def timed(opt):
+            def step():
+                sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                sync(device)
+                return dict(total=time.perf_counter() - t0)
+            return step
+        times = interleaved_times({k: timed(o) for k, o in opts.items()}, args.warmup, args.steps)
+        ms = {k: 1e3 * t["total"] for k, t in times.items()}
+        n = sum(p.numel() for p in params)
+        rows.append(dict(model=model_name, params=n, ms_foreach=ms["foreach"], ms_fused=ms["fused"],
+                         speedup=ms["foreach"] / ms["fused"]))
+        print(f"{model_name:<6}{n:>10,}{ms['foreach']:>12.2f}{ms['fused']:>10.2f}"
+              f"{ms['foreach'] / ms['fused']:>15.2f}×", flush=True)
+    return dict(rows=rows)
+
+
+SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods,
+            "adamw": bench_adamw}
 
 
 # ======================================================================= main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", default="step", help=f"comma-separated sections: {', '.join(SECTIONS)}")
-    ap.add_argument("--model", default="tiny", help=f"ViT preset: {', '.join(vit.PRESETS)}")
-    ap.add_argument("--img-size", type=int, default=None, help="default: the preset's (224 for tiny)")
-    ap.add_argument("--batch-size", type=int, default=16,
-                    help="16 keeps the default run well under 2 min on 2 CPU cores (≈ 30 s on an "
-                         "idle machine); use 64–256 on a GPU")
+    ap.add_argument("--section", "--what", dest="section", default="step",
+                    help=f"comma-separated sections, or all: {', '.join(SECTIONS)} (default: step)")
+    ap.add_argument("--model", default="tiny", help=f"step: ViT preset: {', '.join(vit.PRESETS)}")
+    ap.add_argument("--img-size", type=int, default=None, help="step: default the preset's (224 "
+                    "for tiny)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default per section: step 16 (keeps the default run well under 2 min on "
+                         "2 CPU cores, ≈ 30 s idle); loader 64 at ≤ 64 px, else 16; methods 64 "
+                         "for the cpu preset, else 8. Use 64–256 on a GPU")
     ap.add_argument("--grid", default=None,
-                    help='cells, e.g. "drop=0,0.5,0.75,0.9 patch=16,32" (product; groups '
+                    help='step: cells, e.g. "drop=0,0.5,0.75,0.9 patch=16,32" (product; groups '
                          "separated by ';'); default: drop 0.5/0.75/0.9 at the base patch, "
                          "and 2× the base patch at drop 0")
-    ap.add_argument("--steps", type=int, default=10, help="timed rounds (the median is reported)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="timed rounds (the median is reported); loader: timed batches")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (allocator, caches)")
+    ap.add_argument("--workers", default="0,2", help="loader: loader worker counts to time")
+    ap.add_argument("--loader-sizes", default="32,224", help="loader: image sizes (≤ 64 px: the "
+                    "embedded dataset; above: random images 8/7 larger, in memory)")
+    ap.add_argument("--methods", default="simclr,moco,dino",
+                    help="loader, methods: which methods (loader times DINO with 2 and 6 local crops)")
+    ap.add_argument("--models", default="cpu",
+                    help="methods: ViT presets (small and base at 224 px are slow on CPU)")
+    ap.add_argument("--adamw-models", default="cpu,tiny", help="adamw: ViT presets")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="methods: the device's peak dense bf16 TFLOP/s (H100 SXM: 989), to print "
+                         "MFU = achieved FLOP/s ÷ peak; default: no MFU")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--compare-timm", action="store_true",
@@ -244,18 +473,38 @@ def main(argv=None):
     ap.add_argument("--out", default="bench.json", help="JSON results")
     args = ap.parse_args(argv)
 
-    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    what = [w.strip() for w in args.section.split(",") if w.strip()]
+    what = list(SECTIONS) if what == ["all"] else what
     for w in what:
         if w not in SECTIONS:
-            ap.error(f"unknown section {w!r}; allowed: {', '.join(SECTIONS)}")
+            ap.error(f"unknown section {w!r}; allowed: {', '.join(SECTIONS)}, or all")
     if args.model.removeprefix("vit_") not in vit.PRESETS:
         ap.error(f"unknown model preset {args.model!r}; allowed: {', '.join(vit.PRESETS)}")
     args.img_size = args.img_size or vit.PRESETS[args.model.removeprefix("vit_")]["img_size"]
     for name in ("batch_size", "steps", "img_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be ≥ 1")
     if args.warmup < 0:
         ap.error(f"--warmup {args.warmup} must be ≥ 0")
+    def listed(flag, allowed=None, least=0):
+        """--flag "a,b" → [a, b]: names from ``allowed``, or integers ≥ ``least``."""
+        option, text = "--" + flag.replace("_", "-"), getattr(args, flag)
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        if not items:
+            ap.error(f"{option} {text!r}: give at least one value")
+        for v in items:
+            if allowed and v not in allowed:
+                ap.error(f"{option}: {v!r} is not one of {', '.join(allowed)}")
+            if not allowed and not (v.isdigit() and int(v) >= least):
+                ap.error(f"{option}: {v!r} must be an integer ≥ {least}")
+        setattr(args, flag, items if allowed else [int(v) for v in items])
+    listed("workers", least=0)
+    listed("loader_sizes", least=8)
+    listed("methods", ("simclr", "moco", "dino"))
+    listed("models", tuple(vit.PRESETS))
+    listed("adamw_models", tuple(vit.PRESETS))
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        ap.error(f"--peak-tflops {args.peak_tflops} must be > 0 (TFLOP/s)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     if args.grid is not None:                   # check the grid before any timing starts
