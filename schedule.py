@@ -293,7 +293,8 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
     def batch(epoch):
         view_set.set_epoch(epoch)
         idx = torch.randint(len(view_set), (batch_size,), generator=g).tolist()
-        items = [view_set[i][0] for i in idx]
+        fetch = getattr(view_set, "__getitems__", None)               # batched augmentation
+        items = [v for v, _ in fetch(idx)] if fetch else [view_set[i][0] for i in idx]
         return [torch.stack(v).to(device) for v in zip(*items)]        # views × (b, 3, s, s)
 
     def gradient(views, strategy):
