@@ -10,7 +10,7 @@ for and what can stand in its way. One function per section (``--section``):
   the predicted one f(L_base)/f(L_cell). (A step is ≈ 3 forwards for every cell, so the ratio
   of steps predicted by the model is the ratio of forwards.)
 * ``loader``: images/s of each method's augmentation pipeline through data.build_loader, the
-  per-image reference (``data.augment``) against the batched one (``data.augment_batch``), at
+  per-image reference (``augment.augment``) against the batched one (``augment_batch``), at
   the CPU preset (32 px, the embedded dataset) and at 224 px (random 256² images in memory,
   so that no decoding is timed), with 0 and 2 loader workers.
 * ``methods``: images/s of a whole SimCLR / MoCo-v3 / DINO training step (heads, loss,

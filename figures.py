@@ -12,7 +12,8 @@ runs being compared share the machine equally.
     python figures.py views                     # views × compression at equal budget
 
 Each writes ``figs/<figure>/``: one folder per run (train.py's outputs plus eval.json),
-``results.json``, ``table.md`` (the table it prints) and a PNG when matplotlib is installed.
+``results.json``, ``table.md`` (the table it prints) and a PNG when matplotlib is installed
+(drawn by plots.py).
 A finished run is reused when the figure is made again with the same settings (``--fresh``
 re-runs everything), so a figure can be re-plotted for free.
 
@@ -30,6 +31,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import plots  # the PNGs (matplotlib, optional)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The strategies compared with the baseline (32-px images, p0 = 4): token dropout on the
@@ -157,40 +160,6 @@ def report(folder, text, results):
         json.dump(results, f, indent=1)
 
 
-def pyplot():
-    """matplotlib.pyplot, or None with a note (plots are optional; tables are not)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("note: matplotlib is not installed; tables only, no PNG")
-        return None
-
-
-def plot_curves(path, runs, names, title):
-    """k-NN vs units (left) and vs training minutes (right), one line per run (Fig. 1)."""
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in names:
-        c = runs[name]["curve"]
-        axes[0].plot([x[0] / 1e3 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
-        axes[1].plot([x[1] / 60 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
-    axes[0].set_xlabel("budget spent (k units)")
-    axes[1].set_xlabel("training time (min)")
-    for ax in axes:
-        ax.set_ylabel("k-NN top-1 (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 # ========================================================================== figures
 def common(args, method, budget):
     """train.py flags shared by every run of a figure: the quick start's settings, one seed."""
@@ -222,20 +191,7 @@ def fig_cost(args):
             f"{max(ratios):.2f}\n\n"
             + table(["patch \\ drop", *[f"{d:g}" for d in drops]], rows))
     report(args.folder, text, results)
-    plt = pyplot()
-    if plt is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-        for ax, key in zip(axes, ("flops", "measured")):
-            grid = [[r[key] for r in results if r["patch"] == p] for p in patches]
-            im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-            ax.set_xticks(range(len(compress.DROP_GRID)), [f"{d:g}" for d in compress.DROP_GRID])
-            ax.set_yticks(range(len(patches)), patches)
-            ax.set_xlabel("token drop rate")
-            ax.set_title(f"units per sample ({'FLOP model' if key == 'flops' else 'measured'})")
-            fig.colorbar(im, ax=ax)
-        axes[0].set_ylabel("patch size")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.folder, "cost.png"), dpi=120)
+    plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, compress.DROP_GRID)
 
 
 def fig_constant(args):
@@ -313,8 +269,8 @@ def fig_compare(args):
             + table(["run", "strategy", "steps", "images", "NN %", "LP %", "train min",
                      "speed-up (units)", "speed-up (wall)"], rows))
     report(args.folder, text, results)
-    plot_curves(os.path.join(args.folder, "knn_vs_budget.png"), runs, names,
-                f"{args.method}: k-NN vs budget and time (embedded, CPU preset)")
+    plots.plot_curves(os.path.join(args.folder, "knn_vs_budget.png"), runs, names,
+                      f"{args.method}: k-NN vs budget and time (embedded, CPU preset)")
 
 
 def fig_views(args):

@@ -31,8 +31,9 @@ steps would end too early or too late.
   aggressive compression wins. As training converges, the bias of a compressed gradient
   becomes the larger error and milder compression wins. ``build`` turns probes at several
   stages into a stage schedule by argmin CA-MSE. A strategy may also set ``views`` (more,
-  cheaper views per sample; ``probe`` says what its bias then means), and ``save_heatmaps``
-  draws the three terms over drop × patch per stage, as the paper's Fig. 4.
+  cheaper views per sample; ``probe`` says what its bias then means), and
+  ``plots.save_heatmaps`` draws the three terms over drop × patch per stage, as the paper's
+  Fig. 4.
 
 CLI::
 
@@ -61,6 +62,7 @@ import time
 import torch
 
 from compress import NONE, CostModel, Strategy, ViewCompression
+from plots import plot_lr, save_heatmaps  # Figs. 4 and 6 (schedule.save_heatmaps, as before)
 
 LR_SCHEDULES = ("cosine", "poly")
 
@@ -366,82 +368,6 @@ def build_schedule(results):
     return StageSchedule(merged)
 
 
-def save_heatmaps(results, path):
-    """The paper's Fig. 4: CA-MSE, bias² and cost-adjusted variance over drop × patch, as a PNG.
-
-    One row of three panels per (stage, views): x = the query's drop rate, y = its patch size,
-    log colour scale shared by all panels of a column, so that the stages compare. Where a
-    grid varies the roles, several strategies fall in one (drop, patch, views) cell: the cell
-    shows the one with the least CA-MSE (the one ``build`` would pick), in all three panels.
-    A zero (bias² clipped at 0) is drawn at the column's smallest positive value; each row's
-    least CA-MSE is boxed. matplotlib is optional: without it this prints a note and returns
-    None. Returns ``path`` when written.
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print(f"note: matplotlib is not installed, so no heatmaps in {path} "
-              "(pip install matplotlib)")
-        return None
-    import numpy as np
-    metrics = (("ca_mse", "CA-MSE"), ("bias2", "bias²"), ("ca_var", "cost-adjusted variance"))
-    panels = []                                          # (title, drops, patches, {metric: (P, D)})
-    for res in sorted(results, key=lambda r: r["progress"]):
-        base = res.get("base_patch")
-        for views in sorted({r.get("views") for r in res["rows"]}, key=lambda v: v or 0):
-            rows = [r for r in res["rows"] if r.get("views") == views]
-            drops = sorted({r["drop"] for r in rows})
-            patches = sorted({r["patch"] or base or 0 for r in rows})
-            best = {}                                    # (drop, patch) → row of least CA-MSE
-            for r in rows:
-                cell = (r["drop"], r["patch"] or base or 0)
-                if cell not in best or r["ca_mse"] < best[cell]["ca_mse"]:
-                    best[cell] = r
-            grids = {m: np.full((len(patches), len(drops)), np.nan) for m, _ in metrics}
-            for (d, p), r in best.items():
-                for m, _ in metrics:
-                    grids[m][patches.index(p), drops.index(d)] = r[m]
-            title = f"progress {res['progress']:.0%}" + (f", {views} views" if views else "")
-            panels.append((title, drops, patches, grids))
-    if not panels:
-        print(f"note: no probe rows to draw, so no heatmaps in {path}")
-        return None
-    norms = {}
-    for m, _ in metrics:
-        values = np.concatenate([g[m].ravel() for *_, g in panels])
-        positive = values[np.isfinite(values) & (values > 0)]
-        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
-        norms[m] = (LogNorm(lo, hi if hi > lo else lo * 10), lo)
-    fig, axes = plt.subplots(len(panels), 3, figsize=(11, 2.8 * len(panels)), squeeze=False)
-    for row, (title, drops, patches, grids) in enumerate(panels):
-        for col, (m, label) in enumerate(metrics):
-            ax, (norm, floor) = axes[row, col], norms[m]
-            shown = np.ma.masked_invalid(np.maximum(grids[m], floor))   # zeros drawn at the floor
-            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis", norm=norm)
-            for (i, j), v in np.ndenumerate(grids[m]):
-                if np.isfinite(v):
-                    light = norm(max(v, floor)) > 0.6                 # dark text on a light cell
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                            color="k" if light else "w")
-            if np.isfinite(grids["ca_mse"]).any():
-                i, j = np.unravel_index(np.nanargmin(grids["ca_mse"]), grids["ca_mse"].shape)
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
-            ax.set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
-            ax.set_yticks(range(len(patches)), [str(p or "base") for p in patches])
-            ax.set_xlabel("token drop rate (query)")
-            ax.set_ylabel("patch size")
-            ax.set_title(f"{label} — {title}", fontsize=9)
-            fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _png_path(png, out):
     """--png, else the --out path with .png, else nothing."""
     return png or (os.path.splitext(out)[0] + ".png" if out else None)
@@ -549,17 +475,8 @@ def main(argv=None):
             print(f"{t:8.2f}  {learning_rate(t, 1, args.warmup):.4f}    "
                   f"{learning_rate(t, 1, args.warmup, 'poly'):.4f}")
         if args.out:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            plt.figure(figsize=(5, 3))
-            for kind in LR_SCHEDULES:
-                plt.plot(ts, [learning_rate(t, 1, args.warmup, kind) for t in ts], label=kind)
-            plt.xlabel("progress (budget spent / budget)")
-            plt.ylabel("lr / peak lr")
-            plt.legend()
-            plt.tight_layout()
-            plt.savefig(args.out, dpi=120)
+            plot_lr(args.out, ts, {kind: [learning_rate(t, 1, args.warmup, kind) for t in ts]
+                                   for kind in LR_SCHEDULES})
 
 
 if __name__ == "__main__":

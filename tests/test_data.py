@@ -1,8 +1,8 @@
-"""Claims of data.py: the embedded data is deterministic and balanced, every augmentation is a
-pure function of its generator, the batched augmentation makes the reference's views (to float
-rounding) and makes each the same in any batch, views replay exactly after a restart, the
-sampler splits an epoch across ranks without overlap and resumes mid-epoch, and bad inputs give
-clear errors."""
+"""Claims of data.py and augment.py: the embedded data is deterministic and balanced, every
+augmentation is a pure function of its generator, the batched augmentation makes the
+reference's views (to float rounding) and makes each the same in any batch, views replay exactly
+after a restart, the sampler splits an epoch across ranks without overlap and resumes
+mid-epoch, and bad inputs give clear errors."""
 import os
 import re
 import sys
@@ -17,6 +17,8 @@ from PIL import Image
 import torchvision.transforms.v2.functional as F
 
 import data
+from augment import (_brightness, _contrast, _gaussian_blur, _gray, _hue, _saturation,  # the ops
+                     resized_crops)                                      # of augment_batch
 from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSampler, ViewDataset,
                   ViewRecipe, augment, build_dataset, build_loader, build_views, eval_transform)
 
@@ -117,13 +119,13 @@ def test_each_batched_op_matches_torchvision_with_a_factor_per_image():
     f = 0.2 + 1.6 * torch.rand(6, generator=g)               # brightness, contrast, saturation
     h = torch.linspace(-0.5, 0.5, 6)                         # the whole hue range
     sigma = 0.1 + 2 * torch.rand(6, generator=g)
-    cases = [(data._brightness(x, f), lambda i: F.adjust_brightness(x[i], f[i].item())),
-             (data._contrast(x, f), lambda i: F.adjust_contrast(x[i], f[i].item())),
-             (data._saturation(x, f), lambda i: F.adjust_saturation(x[i], f[i].item())),
-             (data._hue(x, h), lambda i: F.adjust_hue(x[i], h[i].item())),
-             (data._gray(x).expand(-1, 3, -1, -1), lambda i: F.rgb_to_grayscale(x[i], 3)),
-             (data._gaussian_blur(x, sigma, 5), lambda i: F.gaussian_blur(x[i], [5, 5],
-                                                                          [sigma[i].item()] * 2))]
+    cases = [(_brightness(x, f), lambda i: F.adjust_brightness(x[i], f[i].item())),
+             (_contrast(x, f), lambda i: F.adjust_contrast(x[i], f[i].item())),
+             (_saturation(x, f), lambda i: F.adjust_saturation(x[i], f[i].item())),
+             (_hue(x, h), lambda i: F.adjust_hue(x[i], h[i].item())),
+             (_gray(x).expand(-1, 3, -1, -1), lambda i: F.rgb_to_grayscale(x[i], 3)),
+             (_gaussian_blur(x, sigma, 5), lambda i: F.gaussian_blur(x[i], [5, 5],
+                                                                     [sigma[i].item()] * 2))]
     for batched, one in cases:
         assert torch.allclose(batched, torch.stack([one(i) for i in range(6)]), atol=1e-5)
 
@@ -133,7 +135,7 @@ def test_batched_crops_are_resized_crop_bit_for_bit_for_images_of_any_size():
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
               for h, w in ((32, 32), (20, 48), (96, 64), (7, 9))]
     boxes = [(0, 0, 32, 32), (3, 10, 12, 30), (5, 2, 90, 60), (1, 1, 5, 4)]  # shrink and enlarge
-    crops = data.resized_crops(images, boxes, 24)                            # (4, 3, 24, 24)
+    crops = resized_crops(images, boxes, 24)                                 # (4, 3, 24, 24)
     for img, box, crop in zip(images, boxes, crops):
         ref = F.resized_crop(F.to_dtype(img, torch.float32, scale=True), *box, [24, 24],
                              antialias=True)

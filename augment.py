@@ -1,0 +1,297 @@
+"""View augmentations of SimCLR, MoCo-v3 and DINO: the recipes, and making views (paper §6.1).
+
+Concern: the family of augmentations the SSL methods learn invariance to, so where their
+training signal is defined (paper §3, §6.1: the recipes of SimCLR, BYOL / MoCo-v3 and DINO's
+multi-crop). ``build_views`` gives a method's ``ViewRecipe`` for each view, scaled to the image
+size. A view is made in two steps: ``draw_params`` takes every random number it needs from an
+explicit ``torch.Generator`` (data.ViewDataset seeds it by (seed, epoch, index), so a view is
+pure in those three and a resumed run is bit-identical), then the ops apply them: image by
+image with torchvision (``augment``, the reference) or a whole batch at once (``augment_batch``:
+each op once, a parameter per image, several times faster; what the loader runs). Datasets,
+the loader and sampling are in data.py, which imports this file (and re-exports its names).
+
+    import torch; from augment import augment, augment_batch, build_views, draw_params
+    img, recipe = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8), build_views("moco", 32)[0]
+    x = augment(img, recipe, torch.Generator().manual_seed(0))          # (3, 32, 32), normalised
+    p = draw_params(40, 40, recipe, torch.Generator().manual_seed(0))   # the draws augment took
+    assert torch.allclose(augment_batch([img], recipe, [p])[0], x, atol=1e-4)
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as F
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+METHODS = ("simclr", "moco", "dino", "multiview")         # the methods with a view recipe
+
+
+# ===== augmentations: every draw from an explicit generator =====
+#
+# A view is made in two steps: ``draw_params`` takes every random number the view needs from the
+# item's generator (crop box, flip, jitter factors and their order, grayscale, blur sigma,
+# solarize), then the ops apply them. Two implementations of the ops share those draws:
+#   augment        one image with torchvision's functional ops: the reference, short and obvious;
+#   augment_batch  a whole batch, each op once for all images with per-sample parameters: what
+#                  the loader runs; on one CPU thread 4–6× faster at 32 px (~0.12 ms a view
+#                  instead of ~0.5) and 2.5–3× at 224 (bench.py --section loader).
+# They agree to float rounding (tests/test_data.py). augment_batch computes each image exactly as
+# it would alone (no op mixes images), so a view never depends on the batch it was made in.
+
+@dataclass
+class ViewRecipe:
+    """One view's augmentation parameters: probabilities (_p), strengths and ranges."""
+    size: int
+    scale: tuple = (0.08, 1.0)              # crop area, as a fraction of the image's
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+@dataclass
+class ViewParams:
+    """One view's random draws; a branch not taken keeps the identity values."""
+    box: tuple                              # crop (top, left, height, width) in the source image
+    flip: bool = False
+    jitter: bool = False
+    factors: tuple = (1.0, 1.0, 1.0, 0.0)   # brightness, contrast, saturation (×); hue (turns)
+    order: tuple = (0, 1, 2, 3)             # jitter ops (indices into factors) in applied order
+    gray: bool = False
+    blur: bool = False
+    sigma: float = 1.0
+    solarize: bool = False
+
+
+# draw_params takes all its random numbers in one call (one by one, they cost 20× more): at most
+# 22 for the crop (9 misses of 2, then a hit and its position) and 14 for the rest (see below).
+_DRAWS = 22 + 14
+
+
+def _uniform(u, lo, hi):
+    return lo + (hi - lo) * next(u)
+
+
+def _crop_box(h, w, scale, u, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (top, left, height, width): area ~ U(scale)·h·w and
+    log(aspect) ~ U(log ratio), at a uniform position; after 10 misses (rare), the whole image.
+    u: an iterator of U(0, 1) numbers."""
+    for _ in range(10):
+        area = h * w * _uniform(u, *scale)
+        aspect = math.exp(_uniform(u, math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(next(u) * (h - ch + 1)), int(next(u) * (w - cw + 1)), ch, cw
+    return 0, 0, h, w
+
+
+def draw_params(h, w, recipe, g):
+    """Every random number of one view of an h×w image, from g, always in the same order."""
+    r, u = recipe, iter(torch.rand(_DRAWS, generator=g).tolist())
+    coin = lambda p: next(u) < p
+    p = ViewParams(_crop_box(h, w, r.scale, u))
+    p.flip = coin(r.flip_p)
+    if coin(r.jitter_p):  # ColorJitter: factors ~ U(1 ± strength), hue ~ U(±hue), random order
+        p.jitter = True
+        p.factors = (_uniform(u, 1 - r.brightness, 1 + r.brightness),
+                     _uniform(u, 1 - r.contrast, 1 + r.contrast),
+                     _uniform(u, 1 - r.saturation, 1 + r.saturation), _uniform(u, -r.hue, r.hue))
+        keys = [next(u) for _ in range(4)]        # sorting 4 uniforms: a uniform permutation
+        p.order = tuple(sorted(range(4), key=lambda k: keys[k]))
+    p.gray = coin(r.grayscale_p)
+    if coin(r.blur_p):
+        p.blur, p.sigma = True, _uniform(u, *r.blur_sigma)
+    p.solarize = coin(r.solarize_p)
+    return p
+
+
+def blur_size(size):
+    return max(3, int(0.1 * size) // 2 * 2 + 1)          # ~10 % of the side, odd: 23 at 224
+
+
+def augment(img, recipe, g):
+    """uint8 (3, H, W) → normalised float (3, size, size), in the order of BYOL, MoCo-v3 and DINO:
+    crop, flip, colour jitter, grayscale, blur, solarize, normalise. Pure in (img, recipe, g).
+    The reference, one image through torchvision; the loader runs augment_batch."""
+    p = draw_params(img.shape[-2], img.shape[-1], recipe, g)
+    x = F.to_dtype(img, torch.float32, scale=True)
+    x = F.resized_crop(x, *p.box, [recipe.size] * 2, antialias=True)  # may upsample
+    if p.flip:
+        x = F.horizontal_flip(x)
+    if p.jitter:
+        ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+        for k in p.order:
+            x = ops[k](x, p.factors[k]).clamp(0, 1)
+    if p.gray:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if p.blur:
+        k = blur_size(recipe.size)
+        x = F.gaussian_blur(x, [k, k], [p.sigma, p.sigma])
+    if p.solarize:
+        x = F.solarize(x, threshold=0.5)                     # PIL's 128 of 255
+    return F.normalize(x, MEAN, STD)
+
+
+# ----- the same ops on a batch: x (n, 3, H, W) floats in [0, 1], a parameter per image -----
+
+def resized_crops(images, boxes, size):
+    """Box b of image b resized to size×size: images, B uint8 (3, H_b, W_b) (a list, or a
+    (B, 3, H, W) tensor), boxes B (top, left, height, width) → float (B, 3, size, size) in [0, 1].
+
+    One F.interpolate per image, the very call of F.resized_crop(..., antialias=True), so crops
+    equal the reference's bit for bit, and images of any sizes can share a batch. The loop is the
+    fast way here: a batched version (gathering each output pixel's source rows and columns with
+    their antialiasing weights, all images at once) was 1.5× slower at 32 px and 5× at 224,
+    since PyTorch's resize does a whole axis in one fused C++ pass."""
+    return torch.cat([torch.nn.functional.interpolate(                # (1, 3, size, size) each
+        img[None, :, t:t + h, l:l + w].float().mul_(1 / 255),        # = F.to_dtype(scale=True)
+        size=(size, size), mode="bilinear", antialias=True) for img, (t, l, h, w) in zip(images, boxes)])
+
+
+def _gray(x):
+    """Luma as torchvision (ITU-R 601): (n, 3, H, W) → (n, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return (r * 0.2989 + g * 0.587 + b * 0.114)[:, None]
+
+
+def _blend(x, y, f):
+    """f·x + (1 − f)·y clamped to [0, 1], torchvision's blend with a factor f (n,) per image."""
+    f = f[:, None, None, None]
+    return (x * f + y * (1 - f)).clamp(0, 1)
+
+
+def _brightness(x, f):                                            # a blend with black
+    return (x * f[:, None, None, None]).clamp(0, 1)
+
+
+def _contrast(x, f):
+    """A blend with the image's mean luma. The mean is summed in float64 (rows, then their total):
+    there the sum of these float32 values is practically exact, so it rounds back to the same
+    float32 whatever order threads add it up in, and one image's mean never depends on the batch."""
+    m = _gray(x).sum(-1, dtype=torch.float64).sum(-1) / (x.shape[-2] * x.shape[-1])    # (n, 1)
+    return _blend(x, m.float()[..., None, None], f)
+
+
+def _saturation(x, f):                                            # a blend with the luma
+    return _blend(x, _gray(x), f)
+
+
+def _hue(x, f):
+    """Rotate the hue by f turns, as F.adjust_hue (HSV). With v = max(r, g, b), Δ = v − min(r, g, b),
+    the hue in sixths of a turn is (g − b)/Δ if v is r, 2 + (b − r)/Δ if g, 4 + (r − g)/Δ if b.
+    A rotation keeps v and Δ; channel n ∈ (5, 3, 1) for (r, g, b) comes back as
+    v − Δ·clamp(min(k, 4 − k), 0, 1), k = (n + 6h) mod 6: the six-sector table of hsv→rgb as one
+    piecewise-linear function of the hue."""
+    r, g, b = x.unbind(1)                                                      # (n, H, W) each
+    v = torch.maximum(torch.maximum(r, g), b)        # (elementwise: faster than a reduction)
+    delta = v - torch.minimum(torch.minimum(r, g), b)
+    h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * delta, r - g + 4 * delta))
+    h6 = h6 / delta.clamp(min=1e-12) + 6 * f[:, None, None]   # grey (Δ = 0): any hue will do
+    h6 = h6 - 6 * torch.floor(h6 / 6)                                         # mod 6: [0, 6)
+    k = h6[:, None] + torch.tensor([5.0, 3.0, 1.0])[:, None, None]             # (n, 3, H, W)
+    k = torch.where(k >= 6, k - 6, k)                                          # mod 6 again
+    return (v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)).clamp(0, 1)
+
+
+def _gaussian_blur(x, sigma, k):
+    """Gaussian blur of side k, sigma (n,) per image, reflect padding, as F.gaussian_blur: 1-D
+    weights softmax(−t²/2σ²) over offsets t = −(k−1)/2 … (k−1)/2, applied to rows then columns
+    (the 2-D kernel is their outer product). All n·3 channels go through one depthwise
+    convolution, each channel with its own image's kernel."""
+    n, C, H, W = x.shape
+    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)  # (3n, k)
+    y = torch.nn.functional.pad(x, [k // 2] * 4, mode="reflect").reshape(1, n * C, H + k - 1, -1)
+    y = torch.nn.functional.conv2d(y, kernel[:, None, None, :], groups=n * C)   # (1, 3n, H+k-1, W)
+    y = torch.nn.functional.conv2d(y, kernel[:, None, :, None], groups=n * C)   # (1, 3n, H, W)
+    return y.reshape(n, C, H, W)
+
+
+def _on(x, sel, op, *args):
+    """x with op applied to the images whose indices are in the list ``sel``; args: one list
+    per parameter of op, a value for each image of sel. (Selecting in Python, not with tensor
+    masks, keeps the cost of the branches nobody took at ~0: it matters for small batches.)"""
+    args = [torch.tensor(a, dtype=torch.float32) for a in args]
+    if len(sel) == len(x):                    # everyone: no need to pick them out
+        return op(x, *args)
+    if sel:
+        idx = torch.tensor(sel)
+        x.index_copy_(0, idx, op(x.index_select(0, idx), *args))
+    return x
+
+
+def augment_batch(images, recipe, params):
+    """augment for a batch, each op run once with a parameter per image: B uint8 images (3, H_b,
+    W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → normalised float
+    (B, 3, size, size). An op runs on the images whose coin came up (``_on``); the jitter's
+    random order is four rounds, round j applying to each image the op at position j of its
+    order. Matches augment to float rounding (≲ 1e-5), and each image's result is the same in
+    any batch."""
+    which = lambda taken: [b for b, p in enumerate(params) if taken(p)]
+    x = resized_crops(images, [p.box for p in params], recipe.size)           # (B, 3, s, s)
+    x = _on(x, which(lambda p: p.flip), lambda y: y.flip(-1))
+    for j in range(4):
+        for k, op in enumerate((_brightness, _contrast, _saturation, _hue)):
+            sel = which(lambda p: p.jitter and p.order[j] == k)
+            x = _on(x, sel, op, [params[b].factors[k] for b in sel])
+    x = _on(x, which(lambda p: p.gray), lambda y: _gray(y).expand(-1, 3, -1, -1).contiguous())
+    sel = which(lambda p: p.blur)
+    x = _on(x, sel, lambda y, sigma: _gaussian_blur(y, sigma, blur_size(recipe.size)),
+            [params[b].sigma for b in sel])
+    x = _on(x, which(lambda p: p.solarize), lambda y: torch.where(y >= 0.5, 1 - y, y))
+    mean, std = (torch.tensor(v)[:, None, None] for v in (MEAN, STD))
+    return (x - mean) / std
+
+
+# ===== the methods' recipes =====
+
+def build_views(method, img_size, views=2, local_crops=0, local_size=None, dataset=None):
+    """The official recipes scaled to ``img_size``; ``views`` = M > 2 repeats them cyclically
+    (DINO always has its two global crops, plus ``local_crops`` local ones). Blur sigma is
+    (0.1, 2.0)·size/224, so at 32 px blur barely acts, like the CIFAR recipes that drop it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if views < 1 or local_crops < 0:
+        raise ValueError(f"need views >= 1 and local_crops >= 0, got {views} and {local_crops}")
+    small = img_size < 96
+    # On a small image a crop of 8 % of the area (9×9 px of 32×32) often misses the object, and
+    # the two views of a positive pair would share nothing: the lower bound rises to 25 %.
+    lo = 0.25 if small else 0.08
+    view = lambda size=img_size, **kw: ViewRecipe(size, blur_sigma=(0.1 * size / 224,
+                                                                    2.0 * size / 224), **kw)
+    if method in ("simclr", "multiview"):  # SimCLR's colour strength 0.5: 0.8·(.4, .4, .4, .1)
+        base = [view(scale=(lo, 1.0), saturation=0.4, blur_p=0.5)]
+    elif method == "moco":               # the asymmetric pair of BYOL and MoCo-v3
+        base = [view(scale=(lo, 1.0), blur_p=1.0),
+                view(scale=(lo, 1.0), blur_p=0.1, solarize_p=0.2)]
+    else:
+        # DINO: global crops (0.4, 1) with multi-crop, widened to (0.14, 1) without (as its
+        # README advises); local crops (0.05, 0.4), (0.15, 0.4) on small images as above, of
+        # side 96/224 of the global one rounded to a multiple of 8 (or ``local_size``).
+        g_lo = 0.4 if local_crops else max(lo, 0.14)
+        ls = local_size or max(8, round(img_size * 96 / 224 / 8) * 8)
+        recipes = ([view(scale=(g_lo, 1.0), blur_p=1.0),
+                    view(scale=(g_lo, 1.0), blur_p=0.1, solarize_p=0.2)]
+                   + [view(ls, scale=(0.15 if small else 0.05, 0.4), blur_p=0.5)] * local_crops)
+    if method != "dino":
+        recipes = [base[v % len(base)] for v in range(views)]
+    return strong_colour(recipes) if dataset == "embedded" else recipes
+
+
+# The embedded dataset draws every colour (shape and background) at random, so colour is its
+# main nuisance, and the recipes' hue ±0.1 leaves enough of it for instance discrimination to
+# key on instead of shape. A full hue rotation and grayscale for half the views remove it: in
+# SimCLR runs on the CPU preset, k-NN after 100k units rose from 19 % to 32 %.
+STRONG_COLOUR = dict(hue=0.5, grayscale_p=0.5)
+
+
+def strong_colour(recipes):
+    """The same recipes with colour fully randomised (see STRONG_COLOUR)."""
+    return [dataclasses.replace(r, **STRONG_COLOUR) for r in recipes]

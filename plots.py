@@ -1,0 +1,167 @@
+"""Every drawing of the project: the figures' PNGs, with matplotlib (optional).
+
+Concern: turning numbers that other files computed into the paper's plots: the k-NN curves of
+the speed-up (Fig. 1, figures.py compare), the sample cost over drop × patch (Fig. 3,
+figures.py cost), the gradient-error heatmaps (Fig. 4, schedule.py probe / build) and the
+learning-rate schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
+so nothing else needs it; without it a function prints a note and returns None (a table is
+always printed by the caller; a plot never stops a run). This file imports nothing of the
+project: its inputs are plain lists and dicts.
+
+    from plots import plot_lr
+    ts = [i / 100 for i in range(101)]
+    plot_lr("/tmp/lr.png", ts, {"linear decay": [1 - t for t in ts]})   # → "/tmp/lr.png"
+"""
+
+
+# ============================================================================ helpers
+def pyplot(note="tables only, no PNG"):
+    """matplotlib.pyplot, or None with a note (plots are optional; tables are not)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; {note}")
+        return None
+
+
+# ==================================================== Fig. 1: k-NN vs budget and time
+def plot_curves(path, runs, names, title):
+    """k-NN vs units (left) and vs training minutes (right), one line per run (Fig. 1)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in names:
+        c = runs[name]["curve"]
+        axes[0].plot([x[0] / 1e3 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
+        axes[1].plot([x[1] / 60 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
+    axes[0].set_xlabel("budget spent (k units)")
+    axes[1].set_xlabel("training time (min)")
+    for ax in axes:
+        ax.set_ylabel("k-NN top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ============================================== Fig. 3: sample cost over drop × patch
+def plot_cost(path, results, patches, drops):
+    """Units per sample over drop × patch, FLOP model (left) beside measured (right) (Fig. 3).
+    results: dicts with drop, patch, flops, measured, in the order patch-major, drop-minor."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, key in zip(axes, ("flops", "measured")):
+        grid = [[r[key] for r in results if r["patch"] == p] for p in patches]
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
+        ax.set_yticks(range(len(patches)), patches)
+        ax.set_xlabel("token drop rate")
+        ax.set_title(f"units per sample ({'FLOP model' if key == 'flops' else 'measured'})")
+        fig.colorbar(im, ax=ax)
+    axes[0].set_ylabel("patch size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# =========================================== Fig. 4: gradient error over drop × patch
+def save_heatmaps(results, path):
+    """The paper's Fig. 4: CA-MSE, bias² and cost-adjusted variance over drop × patch, as a PNG.
+
+    One row of three panels per (stage, views): x = the query's drop rate, y = its patch size,
+    log colour scale shared by all panels of a column, so that the stages compare. Where a
+    grid varies the roles, several strategies fall in one (drop, patch, views) cell: the cell
+    shows the one with the least CA-MSE (the one ``build`` would pick), in all three panels.
+    A zero (bias² clipped at 0) is drawn at the column's smallest positive value; each row's
+    least CA-MSE is boxed. matplotlib is optional: without it this prints a note and returns
+    None. Returns ``path`` when written.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no heatmaps in {path} "
+              "(pip install matplotlib)")
+        return None
+    import numpy as np
+    metrics = (("ca_mse", "CA-MSE"), ("bias2", "bias²"), ("ca_var", "cost-adjusted variance"))
+    panels = []                                          # (title, drops, patches, {metric: (P, D)})
+    for res in sorted(results, key=lambda r: r["progress"]):
+        base = res.get("base_patch")
+        for views in sorted({r.get("views") for r in res["rows"]}, key=lambda v: v or 0):
+            rows = [r for r in res["rows"] if r.get("views") == views]
+            drops = sorted({r["drop"] for r in rows})
+            patches = sorted({r["patch"] or base or 0 for r in rows})
+            best = {}                                    # (drop, patch) → row of least CA-MSE
+            for r in rows:
+                cell = (r["drop"], r["patch"] or base or 0)
+                if cell not in best or r["ca_mse"] < best[cell]["ca_mse"]:
+                    best[cell] = r
+            grids = {m: np.full((len(patches), len(drops)), np.nan) for m, _ in metrics}
+            for (d, p), r in best.items():
+                for m, _ in metrics:
+                    grids[m][patches.index(p), drops.index(d)] = r[m]
+            title = f"progress {res['progress']:.0%}" + (f", {views} views" if views else "")
+            panels.append((title, drops, patches, grids))
+    if not panels:
+        print(f"note: no probe rows to draw, so no heatmaps in {path}")
+        return None
+    norms = {}
+    for m, _ in metrics:
+        values = np.concatenate([g[m].ravel() for *_, g in panels])
+        positive = values[np.isfinite(values) & (values > 0)]
+        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
+        norms[m] = (LogNorm(lo, hi if hi > lo else lo * 10), lo)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(11, 2.8 * len(panels)), squeeze=False)
+    for row, (title, drops, patches, grids) in enumerate(panels):
+        for col, (m, label) in enumerate(metrics):
+            ax, (norm, floor) = axes[row, col], norms[m]
+            shown = np.ma.masked_invalid(np.maximum(grids[m], floor))   # zeros drawn at the floor
+            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis", norm=norm)
+            for (i, j), v in np.ndenumerate(grids[m]):
+                if np.isfinite(v):
+                    light = norm(max(v, floor)) > 0.6                 # dark text on a light cell
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                            color="k" if light else "w")
+            if np.isfinite(grids["ca_mse"]).any():
+                i, j = np.unravel_index(np.nanargmin(grids["ca_mse"]), grids["ca_mse"].shape)
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            ax.set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
+            ax.set_yticks(range(len(patches)), [str(p or "base") for p in patches])
+            ax.set_xlabel("token drop rate (query)")
+            ax.set_ylabel("patch size")
+            ax.set_title(f"{label} — {title}", fontsize=9)
+            fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ============================================================== Fig. 6: learning rate
+def plot_lr(path, progress, curves):
+    """Learning rate against progress, one line per schedule (Fig. 6): curves {name: [lr]},
+    each lr[i] at progress[i]. schedule.py lr draws cosine against polynomial decay."""
+    plt = pyplot(f"no plot in {path} (pip install matplotlib)")
+    if plt is None:
+        return None
+    plt.figure(figsize=(5, 3))
+    for kind, rates in curves.items():
+        plt.plot(progress, rates, label=kind)
+    plt.xlabel("progress (budget spent / budget)")
+    plt.ylabel("lr / peak lr")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+    return path
