@@ -120,7 +120,8 @@ def read_run(out):
     probes = [r for r in records if "auto" in r]
     return dict(curve=curve, budget=args["budget"], steps=steps[-1]["step"] if steps else 0,
                 images=(steps[-1]["step"] * args["batch_size"]) if steps else 0,
-                strategies=list(dict.fromkeys(r["strategy"] for r in steps)),
+                strategies=[r["strategy"] for i, r in enumerate(steps)        # stage by stage
+                            if i == 0 or r["strategy"] != steps[i - 1]["strategy"]],
                 probe_units=sum(r["probe_units"] for r in probes))
 
 
