@@ -12,7 +12,9 @@ for and what can stand in its way. One function per section (``--section``):
 * ``loader``: images/s of each method's augmentation pipeline through data.build_loader, the
   per-image reference (``augment.augment``) against the batched one (``augment_batch``), at
   the CPU preset (32 px, the embedded dataset) and at 224 px (random 256² images in memory,
-  so that no decoding is timed), with 0 and 2 loader workers.
+  so that no decoding is timed), with 0 and 2 loader workers. ``--loader-decode`` adds what
+  decoding costs: the SimCLR loader over generated 375×500 JPEG files (decoded every time)
+  against the same images read from their decode-once cache (imagecache.build_cache).
 * ``methods``: images/s of a whole SimCLR / MoCo-v3 / DINO training step (heads, loss,
   momentum update included), uncompressed and under the most compressed strategy of the
   default schedule (drop 0.75 and twice the base patch), beside the images/s one loader
@@ -35,6 +37,7 @@ Usage::
     python bench.py                                        # step: ViT-Ti/16, 224 px, CPU, < 2 min
     python bench.py --grid "drop=0,0.5,0.75,0.9 patch=16,32" --steps 10
     python bench.py --section loader --workers 0,2         # per-image vs batched augmentation
+    python bench.py --section loader --loader-sizes 224 --loader-decode    # JPEG vs cache
     python bench.py --section methods,adamw                # CPU preset; --models cpu,small,base
     python bench.py --section all --device cuda --batch-size 128 --models small --peak-tflops 989
     python bench.py --compare-timm     # also time timm's ViT of the same shape, if installed
@@ -45,14 +48,17 @@ import importlib
 import itertools
 import json
 import math
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 
 import compress
 import data
+import imagecache
 import losses
 import vit
 from compress import forward_flops
@@ -316,7 +322,47 @@ def bench_loader(args, device):
                 r = rows[-1]
                 print(f"{size:>5} {name:<8}{batch:>6}{workers:>8}{r['per_image']:>11.0f}"
                       f"{r['batched']:>9.0f}{r['speedup']:>9.1f}×", flush=True)
-    return dict(rows=rows)
+    if not args.loader_decode:
+        return dict(rows=rows)
+    print(f"# decode: the batched simclr loader over 375×500 JPEG files (generated: smooth "
+          f"colour fields plus noise, quality 90), decoded each time, vs over their decode-once "
+          f"cache of (8/7·size)² squares")
+    print(f"{'size':>5} {'method':<8}{'batch':>6}{'workers':>8}{'JPEG':>11}{'cache':>9}"
+          f"{'speed-up':>10}")
+    decode = []
+    for size in args.loader_sizes:
+        batch = args.batch_size or (64 if size <= 64 else 16)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = jpeg_folder(tmp, (1 + 4 * max(args.workers) + args.steps) * batch)
+            imagecache.build_cache(folder, "train", os.path.join(tmp, "train.npy"),
+                                   round(size * 8 / 7), log_every=0)
+            bases = dict(jpeg=data.ImageFolderDataset(folder, "train"),
+                         cache=imagecache.CachedImages(os.path.join(tmp, "train.npy")))
+            recipes = data.build_views("simclr", size)
+            for workers in args.workers:
+                rate = {kind: loader_rate(data.ViewDataset(base, recipes), batch, workers,
+                                          args.steps) for kind, base in bases.items()}
+                decode.append(dict(size=size, method="simclr", batch=batch, workers=workers,
+                                   **rate, speedup=rate["cache"] / rate["jpeg"]))
+                print(f"{size:>5} {'simclr':<8}{batch:>6}{workers:>8}{rate['jpeg']:>11.0f}"
+                      f"{rate['cache']:>9.0f}{decode[-1]['speedup']:>9.1f}×", flush=True)
+    return dict(rows=rows, decode=decode)
+
+
+def jpeg_folder(tmp, n, h=375, w=500):
+    """n JPEG files of h × w (ImageNet's typical photo) in tmp/jpeg/train/x/: a smooth random
+    colour field (bicubic from 12 × 16) plus mild noise, so that they compress and decode
+    roughly like photographs rather than like pure noise (much slower) or flat colour."""
+    import torchvision
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(os.path.join(tmp, "jpeg", "train", "x"))
+    for i in range(n):
+        field = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g) * 255,
+                                                size=(h, w), mode="bicubic")[0]
+        img = (field + 8 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
+        torchvision.io.write_jpeg(img, os.path.join(tmp, "jpeg", "train", "x", f"{i}.jpg"),
+                                  quality=90)
+    return os.path.join(tmp, "jpeg")
 
 
 # ================================================== methods: a whole training step
@@ -458,6 +504,9 @@ def main(argv=None):
     ap.add_argument("--workers", default="0,2", help="loader: loader worker counts to time")
     ap.add_argument("--loader-sizes", default="32,224", help="loader: image sizes (≤ 64 px: the "
                     "embedded dataset; above: random images 8/7 larger, in memory)")
+    ap.add_argument("--loader-decode", action="store_true",
+                    help="loader: also time the simclr loader over generated JPEG files against "
+                         "their decode-once cache (imagecache.build_cache)")
     ap.add_argument("--methods", default="simclr,moco,dino",
                     help="loader, methods: which methods (loader times DINO with 2 and 6 local crops)")
     ap.add_argument("--models", default="cpu",

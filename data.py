@@ -10,6 +10,10 @@ batch at once (``augment_batch``), so compressed steps are not left waiting. ``E
 the deterministic resize and centre crop of evaluation. The augmentations themselves live in
 augment.py; their names stay importable from here (``data.build_views``, ``data.ViewRecipe``, …).
 
+An image folder can be decoded once into a uint8 cache of squares (imagecache.py, ``python
+imagecache.py --data-root ROOT --out CACHE``), which ``build_dataset(..., cache=CACHE)`` then
+reads instead of the JPEGs.
+
     from data import EmbeddedShapes, build_views, ViewDataset, ResumableSampler, build_loader
     views = ViewDataset(EmbeddedShapes("train", size=512), build_views("simclr", 32), seed=0)
     loader = build_loader(views, 64, ResumableSampler(len(views), batch_size=64))
@@ -126,19 +130,31 @@ class ImageFolderDataset(Dataset):
         raise RuntimeError(f"none of the {len(self.samples)} images of the folder can be decoded")
 
 
-def build_dataset(name, root=None, split="train", img_size=32, download=False, seed=0, size=None):
+def build_dataset(name, root=None, split="train", img_size=32, download=False, seed=0, size=None,
+                  cache=None):
     """Dataset by name; items are (uint8 (3, H, W), int). ``img_size`` and ``seed`` only shape
     the generated ``embedded`` data; a folder path given as ``name`` is an image folder.
     ``size`` keeps that many images for quick runs: the embedded prefix, elsewhere evenly
-    spaced ones, so that a class-sorted folder keeps all its classes."""
+    spaced ones, so that a class-sorted folder keeps all its classes. ``cache``: a folder's
+    decode-once cache directory (``imagecache.build_cache``); its ``<split>.npy`` is read
+    instead of the image files, and if it is not there the error says the command that builds
+    it."""
     if name not in DATASETS and os.path.isdir(name):
         name, root = "folder", name
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive number of images or None, got {size}")
+    if cache is not None and name != "folder":
+        raise ValueError(f"an image cache ({cache!r}) holds a decoded image folder: it needs "
+                         f"dataset 'folder', not {name!r}")
     if name == "embedded":
         return EmbeddedShapes(split, size=size, img_size=img_size, seed=seed)
     if name in ("cifar10", "cifar100", "stl10"):
         ds = _torchvision_dataset(name, root, split, download)
+    elif name == "folder" and cache is not None:
+        # imagecache imports data (_decode, ImageFolderDataset), so data imports it here, when a
+        # cache is asked for, and not at the top: no import cycle.
+        from imagecache import open_cache
+        ds = open_cache(cache, root, split, img_size)
     elif name == "folder":
         if root is None:
             raise ValueError("dataset 'folder' needs root=PATH, a folder holding train/ and val/")
@@ -149,6 +165,8 @@ def build_dataset(name, root=None, split="train", img_size=32, download=False, s
         keep = torch.linspace(0, len(ds) - 1, size).long()
         if isinstance(ds, TensorImages):
             ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+        elif cache is not None:                              # an imagecache.CachedImages
+            ds.index, ds.labels = ds.index[keep], ds.labels[keep]
         else:
             ds.samples, ds.labels = [ds.samples[k] for k in keep], ds.labels[keep]
     return ds

@@ -297,6 +297,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="embedded, cifar10, cifar100, stl10, folder "
                                   "(default: the checkpoint's training data, else embedded)")
     p.add_argument("--data-root", help="dataset directory (default: the checkpoint's)")
+    p.add_argument("--data-cache", metavar="DIR", help="--data folder: read its decode-once "
+                   "cache (python imagecache.py) instead of the image files")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     p.add_argument("--img-size", type=int, help="image size (default: the checkpoint's training "
                                                 "size); also builds --model for interop checkpoints")
@@ -374,7 +376,7 @@ def main(argv=None):
     try:
         bases = [data.build_dataset(name, root=root, split=s, img_size=img_size,
                                     download=args.download, seed=train_args.get("seed", 0),
-                                    size=sizes[s]) for s in ("train", "val")]
+                                    size=sizes[s], cache=args.data_cache) for s in ("train", "val")]
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise SystemExit(f"eval.py: error: dataset {name!r}: {err}")
     num_classes = len(bases[0].classes)

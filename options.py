@@ -73,6 +73,13 @@ def get_args(argv=None):
                     help="embedded (procedural, offline), cifar10, cifar100, stl10, or folder "
                          "(an ImageFolder root with train/ and val/, e.g. ImageNet-100)")
     ap.add_argument("--data-root", default=None, help="where cifar/stl/folder data lives")
+    ap.add_argument("--data-cache", default=None, metavar="DIR",
+                    help="--data folder: read the images from this decode-once cache (uint8 "
+                         "squares; build it with python imagecache.py --data-root ROOT --out "
+                         "DIR) instead of decoding a JPEG per image per epoch, which can leave "
+                         "compressed steps waiting for the loader. A resume may add or drop "
+                         "it (it is not in checkpoint.FIXED_ARGS); views then come from the "
+                         "cache's central squares")
     ap.add_argument("--download", action="store_true", help="download cifar/stl (needs internet)")
     ap.add_argument("--model", default="cpu", help="ViT preset: cpu, tiny, small, base")
     ap.add_argument("--img-size", type=int, default=None, help="default: the preset's size")

@@ -103,7 +103,8 @@ def main(argv=None):
             if resume_path else None)
     try:
         train_base = data.build_dataset(args.data, args.data_root, "train", backbone.img_size,
-                                        args.download, seed=args.seed, size=args.data_size)
+                                        args.download, seed=args.seed, size=args.data_size,
+                                        cache=args.data_cache)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e))
     method_kwargs = losses.head_sizes(args.method, backbone.dim)
@@ -133,7 +134,8 @@ def main(argv=None):
         try:
             val_base = data.build_dataset(args.data, args.data_root, "val", backbone.img_size,
                                           args.download, seed=args.seed,
-                                          size=args.data_size and max(args.data_size // 4, 20))
+                                          size=args.data_size and max(args.data_size // 4, 20),
+                                          cache=args.data_cache)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             parser.error(str(e))
         knn_sets = (data.EvalDataset(train_base, backbone.img_size),

@@ -84,3 +84,14 @@ def test_bad_options_are_refused_naming_the_value(argv, named, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning")   # torchvision's encoders
+def test_loader_decode_compares_jpeg_files_with_their_decode_once_cache(tmp_path, capsys):
+    lines, results = run(["--section", "loader", "--loader-sizes", "16", "--workers", "0",
+                          "--methods", "dino", "--batch-size", "4", "--steps", "1",
+                          "--loader-decode"], tmp_path, capsys)
+    rows = [line.split() for line in lines if re.match(r"\s+16 simclr", line)]
+    assert len(rows) == 1 and rows[0][-1].endswith("×")          # only the decode row is simclr
+    (row,) = results["loader"]["decode"]
+    assert row["jpeg"] > 0 and row["cache"] > 0 and row["workers"] == 0

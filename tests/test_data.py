@@ -17,6 +17,7 @@ from PIL import Image
 import torchvision.transforms.v2.functional as F
 
 import data
+import imagecache
 from augment import (_brightness, _contrast, _gaussian_blur, _gray, _hue, _saturation,  # the ops
                      resized_crops)                                      # of augment_batch
 from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSampler, ViewDataset,
@@ -349,3 +350,121 @@ def test_unknown_names_and_offline_downloads_give_clear_errors(tmp_path):
         build_dataset("cifar10", root=str(tmp_path), download=False)
     with pytest.raises(ValueError, match="unlabeled"):
         build_dataset("stl10", root=str(tmp_path), split="extra")
+
+
+# ===== the decode-once cache =====
+
+def _folder_items(root, split="train"):
+    """(path, label) of every readable image of an image folder, in its order."""
+    ds = ImageFolderDataset(str(root), split)
+    return [(p, y) for p, y in ds.samples if "trunc" not in p and "broken" not in p], ds.classes
+
+
+def test_the_cache_holds_every_readable_image_as_its_decoded_square(tmp_path):
+    _write_tree(tmp_path / "src")
+    with pytest.warns(UserWarning, match="left out of the cache") as caught:
+        meta = imagecache.build_cache(str(tmp_path / "src"), "train",
+                                      str(tmp_path / "c" / "train.npy"), short_side=12)
+    # the corrupt files are left out, warned about one by one, and listed in the sidecar
+    assert sorted(os.path.basename(p) for p in meta["skipped_files"]) == ["broken.png", "trunc.jpg"]
+    assert sum("left out of the cache" in str(w.message) for w in caught) == 2
+    cache = imagecache.CachedImages(str(tmp_path / "c" / "train.npy"))
+    items, classes = _folder_items(tmp_path / "src")
+    assert cache.classes == classes == ["ant", "bee"] and len(cache) == len(items) == 7
+    assert cache.labels.tolist() == [y for _, y in items]
+    for i, (path, label) in enumerate(items):   # each: the file decoded, resized, centre-cropped
+        img, y = cache[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 12, 12) and y == label
+        assert torch.equal(img, imagecache.square(data._decode(path), 12)), path
+    # the 20×24 JPEG: its shorter side becomes 12 (12×14), and its central 12 columns are kept
+    i = [k for k, (p, _) in enumerate(items) if p.endswith("rgb.JPEG")][0]
+    assert torch.equal(cache[i][0], F.resize(data._decode(items[i][0]), [12])[..., 1:13])
+    # on disk: exactly the N × 3 × S² bytes after the .npy header, nothing left behind
+    assert np.load(tmp_path / "c" / "train.npy").shape == (7, 3, 12, 12)
+    assert sorted(os.listdir(tmp_path / "c")) == ["train.json", "train.npy", "train_labels.npy"]
+
+
+def test_the_cache_command_decodes_in_a_pool_what_one_process_decodes(tmp_path, capsys):
+    _write_tree(tmp_path / "src")
+    with pytest.warns(UserWarning, match="left out"):
+        imagecache.build_cache(str(tmp_path / "src"), "train", str(tmp_path / "one" / "train.npy"),
+                               10)
+        imagecache.main(["--data-root", str(tmp_path / "src"), "--out", str(tmp_path / "pool"),
+                         "--size", "10", "--split", "train", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"train: 9/9 images \| [\d,]+ img/s \| ETA 0:00:00", out), out
+    assert "7 images of 10²" in out and "2 unreadable file(s) left out" in out
+    for name in ("train.npy", "train_labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "pool" / name))
+
+
+def test_views_of_the_cache_are_the_views_of_a_folder_of_its_squares(tmp_path):
+    _write_tree(tmp_path / "src")
+    with pytest.warns(UserWarning):
+        imagecache.build_cache(str(tmp_path / "src"), "train", str(tmp_path / "c" / "train.npy"),
+                               16)
+    cache = imagecache.CachedImages(str(tmp_path / "c" / "train.npy"))
+    for i in range(len(cache)):                 # the same squares as lossless files, same order
+        img, label = cache[i]
+        (tmp_path / "sq" / "train" / cache.classes[label]).mkdir(parents=True, exist_ok=True)
+        _save(img.permute(1, 2, 0).numpy(), tmp_path / "sq" / "train" / cache.classes[label]
+              / f"{i:02d}.png")
+    folder = ImageFolderDataset(str(tmp_path / "sq"), "train")
+    recipes = _every_op(build_views("dino", 16, local_crops=1))
+    a = ViewDataset(cache, recipes, seed=3).__getitems__(list(range(7)))
+    b = ViewDataset(folder, recipes, seed=3).__getitems__(list(range(7)))
+    for (views, label), (ref_views, ref_label) in zip(a, b):
+        assert label == ref_label and all(torch.equal(v, r) for v, r in zip(views, ref_views))
+    # and through build_dataset, a quick-run subset of it keeps both classes
+    sub = build_dataset("folder", str(tmp_path / "src"), "train", img_size=16, size=3,
+                        cache=str(tmp_path / "c"))
+    assert sub.labels.tolist() == [0, 0, 1] and torch.equal(sub[1][0], cache[3][0])
+
+
+def test_a_damaged_or_missing_cache_is_refused_naming_it(tmp_path):
+    _write_tree(tmp_path / "src")
+    npy, cache_dir = tmp_path / "c" / "train.npy", str(tmp_path / "c")
+    with pytest.warns(UserWarning):
+        imagecache.build_cache(str(tmp_path / "src"), "train", str(npy), 8)
+    full = npy.read_bytes()
+    npy.write_bytes(full[:-100])                                # cut short, as by a full disk
+    with pytest.raises(ValueError, match=re.escape(str(npy)) + ".*truncated.*python imagecache.py"):
+        imagecache.CachedImages(str(npy))
+    np.save(npy, np.zeros((6, 3, 8, 8), dtype=np.uint8))        # another cache's array
+    with pytest.raises(ValueError, match=re.escape(str(npy)) + r".*\(6, 3, 8, 8\).*\(7, 3, 8, 8\)"):
+        build_dataset("folder", str(tmp_path / "src"), cache=cache_dir)
+    npy.write_bytes(full)
+    (tmp_path / "src" / "train" / "cat").mkdir()                # the folder changed since
+    (tmp_path / "src" / "train" / "cat" / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="built from another folder"):
+        build_dataset("folder", str(tmp_path / "src"), cache=cache_dir)
+    # no val cache: the error names the path and the command that builds it
+    with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(cache_dir, "val.npy"))
+                       + ".*python imagecache.py --data-root .*src --out .* --size 37 --split val"):
+        build_dataset("folder", str(tmp_path / "src"), "val", img_size=32, cache=cache_dir)
+    with pytest.raises(ValueError, match="needs dataset 'folder', not 'cifar10'"):
+        build_dataset("cifar10", cache=cache_dir)
+
+
+def test_a_killed_rebuild_leaves_the_previous_cache_whole(tmp_path, monkeypatch):
+    _write_tree(tmp_path / "src")
+    npy = tmp_path / "c" / "train.npy"
+    with pytest.warns(UserWarning):
+        imagecache.build_cache(str(tmp_path / "src"), "train", str(npy), 8)
+    before = [imagecache.CachedImages(str(npy))[i][0] for i in range(7)]
+    calls = []
+
+    def dies_on_the_fourth(job):
+        calls.append(job)
+        if len(calls) == 4:
+            raise KeyboardInterrupt                            # as a kill would, mid-build
+        return imagecache._square_file(job)
+    monkeypatch.setattr(imagecache, "_square_file", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        imagecache.build_cache(str(tmp_path / "src"), "train", str(npy), 12)
+    assert os.path.exists(str(npy) + ".tmp")                   # the unfinished build, aside
+    cache = imagecache.CachedImages(str(npy))                        # the previous one, still whole
+    assert cache.size == 8 and all(torch.equal(cache[i][0], before[i]) for i in range(7))
+    os.remove(tmp_path / "c" / "train.json")                   # and a first build, killed:
+    with pytest.raises(FileNotFoundError, match=re.escape(str(npy)) + ".*killed build"):
+        imagecache.CachedImages(str(npy))

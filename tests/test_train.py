@@ -162,3 +162,38 @@ def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_pa
     # 4 views at drop 0.5 cost about what 2 full views cost (every view carries gradient)
     assert cost.sample_units("simclr", compress.Strategy.parse("views=4")) == pytest.approx(12)
     assert cost.sample_units("simclr", compress.Strategy.parse("views=2")) == pytest.approx(6)
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning")   # torchvision's encoders
+def test_training_reads_a_decode_once_cache_and_names_a_missing_one(tmp_path):
+    """--data-cache: without the cache, train.py stops before writing anything and says the
+    command that builds it; with it (built by that command), a tiny run trains end to end."""
+    from torchvision.io import write_jpeg
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "imagenet"
+    for split, n in (("train", 12), ("val", 4)):
+        for c in ("cat", "dog"):
+            (src / split / c).mkdir(parents=True)
+            for i in range(n):                   # JPEGs of various sizes, one of them grayscale
+                img = torch.randint(0, 256, (1 if i == 0 else 3, 30 + 3 * i, 40 - 2 * i),
+                                    dtype=torch.uint8, generator=g)
+                write_jpeg(img, str(src / split / c / f"{i}.JPEG"))
+    (src / "train" / "dog" / "bad.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["--data", "folder", "--data-root", str(src), "--data-cache", str(cache),
+            "--img-size", "32", "--budget", "500", "--out", str(out), *TINY]
+    p = run(args, check=False)
+    assert p.returncode != 0 and not out.exists()
+    assert str(cache / "train.npy") in p.stderr, p.stderr
+    command = p.stderr[p.stderr.index("python imagecache.py"):].split("\n")[0]
+    assert command == (f"python imagecache.py --data-root {src} --out {cache} "
+                       "--size 37 --split train")                               # 32 / 0.875
+    build = subprocess.run([sys.executable, "imagecache.py", *command.split()[2:-2], "--split",
+                            "train,val", "--workers", "1"], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert build.returncode == 0, build.stderr
+    assert "train: 24 images of 37²" in build.stdout and "1 unreadable file(s)" in build.stdout
+    assert "val: 8 images of 37²" in build.stdout
+    p = run(args)
+    assert "k-NN top-1" in p.stdout and "8 val images" in p.stdout and "done:" in p.stdout, p.stdout
+    assert os.path.isfile(out / "last.pt")
