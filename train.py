@@ -11,6 +11,8 @@ One process or many, same script (DDP; one process per GPU, gloo on CPU):
 
     python train.py --method simclr                                  # embedded data, CPU
     python train.py --method moco --accel "q:drop=0.75" --budget 400k
+    python train.py --method simclr --accel auto          # probe at 0/25/50/75 %, switch
+    python train.py --method multiview --views 4 --accel "qk:drop=0.5"
     torchrun --nproc_per_node=4 train.py --method moco --data folder \\
         --data-root /data/imagenet100 --model small --img-size 224 --budget 50M
 
