@@ -273,6 +273,18 @@ def use_views(views, strategy):
     return list(views[:m])
 
 
+def _project_views(backbone, projector, views, strategy):
+    """Every view through backbone and projector, all carrying gradient (SimCLR, multi-view):
+    view i compressed with strategy.q for even i and strategy.k for odd i, as compress.py
+    charges them. One projector call on all views, as SimCLR does: BN statistics over the M·N
+    rows. → list of M (N, proj) tensors."""
+    views = use_views(views, strategy)
+    _check_views(views, 2)
+    q, k = _roles(strategy)
+    h = [_enc(backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]   # M × (N, D)
+    return list(projector(torch.cat(h)).split([v.shape[0] for v in views]))
+
+
 class _Encoder(nn.Module):
     """backbone → head; the momentum encoder / teacher is a deepcopy of one of these."""
 
@@ -306,13 +318,8 @@ class SimCLR(nn.Module):
         self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=2)  # SimCLR: 1 hidden
 
     def forward(self, views, strategy=None, progress=0.0):
-        views = use_views(views, strategy)
-        _check_views(views, 2)
-        q, k = _roles(strategy)
-        h = [_enc(self.backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]
-        # One projector call on all views, as SimCLR does: BN statistics over the M·N rows.
-        z = self.projector(torch.cat(h)).split([v.shape[0] for v in views])  # M × (N, proj)
-        loss = nt_xent_multi(list(z), self.temperature)
+        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, proj)
+        loss = nt_xent_multi(z, self.temperature)
         return loss, {"loss": loss.item()}
 
     def update_target(self, progress):
@@ -442,12 +449,8 @@ class MultiView(nn.Module):
         self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=layers, last_bn=False)
 
     def forward(self, views, strategy=None, progress=0.0):
-        views = use_views(views, strategy)
-        _check_views(views, 2)
-        q, k = _roles(strategy)
-        h = [_enc(self.backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]
-        z = self.projector(torch.cat(h)).split([v.shape[0] for v in views])  # M × (N, proj)
-        loss, inv, orth = multiview_loss(list(z), self.beta)
+        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, proj)
+        loss, inv, orth = multiview_loss(z, self.beta)
         return loss, {"loss": loss.item(), "invariance": inv.item(), "orthogonality": orth.item()}
 
     def update_target(self, progress):
