@@ -8,7 +8,6 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import compress
@@ -18,26 +17,7 @@ from losses import (DINO, MultiView, SimCLR, build_method, head_sizes, multiview
                     nt_xent_multi, standardize, use_views)
 
 
-class TinyBackbone(nn.Module):
-    """Same signature as vit.ViT; records the (patch_size, drop, side) of every call."""
-
-    def __init__(self, dim=16):
-        super().__init__()
-        self.dim = dim
-        self.proj = nn.Linear(3 * 4 * 4, dim)
-        self.calls = []
-
-    def forward(self, images, patch_size=None, drop=0.0):
-        self.calls.append((patch_size, drop, images.shape[-1]))
-        return self.proj(F.adaptive_avg_pool2d(images, 4).flatten(1))   # any resolution → (B, dim)
-
-
-def images(n=6, size=8):
-    return torch.randn(n, 3, size, size)
-
-
-def vc(drop=0.0, patch_size=None):
-    return types.SimpleNamespace(drop=drop, patch_size=patch_size)
+from test_losses import TinyBackbone, images, vc  # noqa: E402  (the same stand-ins as there)
 
 
 # ======================================================= multi-positive NT-Xent
