@@ -39,13 +39,7 @@ TINY = ["--model", "cpu", "--img-size", "16", "--data-size", "128", "--batch-siz
         "--eval-every", "0", "--log-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add overhead on a busy 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture

@@ -24,14 +24,7 @@ from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSamp
                   ViewRecipe, augment, build_dataset, build_loader, build_views, eval_transform)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: extra intra-op threads only add overhead, and on a busy 2-core CI
-    machine they can slow a test tenfold. Restored afterwards, so other test files are untouched."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _save(array, path):
