@@ -252,14 +252,27 @@ def augment_batch(images, recipe, params):
 
 # ===== the methods' recipes =====
 
-def build_views(method, img_size, views=2, local_crops=0, local_size=None, dataset=None):
+def build_views(method, img_size, views=2, local_crops=0, local_size=None, colour="official",
+                **overrides):
     """The official recipes scaled to ``img_size``; ``views`` = M > 2 repeats them cyclically
     (DINO always has its two global crops, plus ``local_crops`` local ones). Blur sigma is
-    (0.1, 2.0)·size/224, so at 32 px blur barely acts, like the CIFAR recipes that drop it."""
+    (0.1, 2.0)·size/224, so at 32 px blur barely acts, like the CIFAR recipes that drop it.
+
+    ``colour``: "official", or "strong" (COLOUR_PRESETS: hue and grayscale fully random).
+    ``overrides`` (train.py's augmentation flags; None or absent = the method's own):
+    scale (lo, hi) of the global crops, jitter_strength (× brightness, contrast, saturation),
+    hue, grayscale_p, blur_p and solarize_p (one value, or one per global view, cycled),
+    local_scale (lo, hi), and the preset's fields. Unknown keys raise."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if views < 1 or local_crops < 0:
         raise ValueError(f"need views >= 1 and local_crops >= 0, got {views} and {local_crops}")
+    if colour not in COLOUR_PRESETS:
+        raise ValueError(f"colour preset {colour!r}; allowed: {', '.join(COLOUR_PRESETS)}")
+    over = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(over) - set(OVERRIDES)
+    if unknown:
+        raise ValueError(f"unknown augmentation setting(s) {sorted(unknown)}; allowed: {OVERRIDES}")
     small = img_size < 96
     # On a small image a crop of 8 % of the area (9×9 px of 32×32) often misses the object, and
     # the two views of a positive pair would share nothing: the lower bound rises to 25 %.
@@ -267,31 +280,60 @@ def build_views(method, img_size, views=2, local_crops=0, local_size=None, datas
     view = lambda size=img_size, **kw: ViewRecipe(size, blur_sigma=(0.1 * size / 224,
                                                                     2.0 * size / 224), **kw)
     if method in ("simclr", "multiview"):  # SimCLR's colour strength 0.5: 0.8·(.4, .4, .4, .1)
-        base = [view(scale=(lo, 1.0), saturation=0.4, blur_p=0.5)]
+        globals_ = [view(scale=(lo, 1.0), saturation=0.4, blur_p=0.5)]
     elif method == "moco":               # the asymmetric pair of BYOL and MoCo-v3
-        base = [view(scale=(lo, 1.0), blur_p=1.0),
-                view(scale=(lo, 1.0), blur_p=0.1, solarize_p=0.2)]
+        globals_ = [view(scale=(lo, 1.0), blur_p=1.0),
+                    view(scale=(lo, 1.0), blur_p=0.1, solarize_p=0.2)]
     else:
         # DINO: global crops (0.4, 1) with multi-crop, widened to (0.14, 1) without (as its
         # README advises); local crops (0.05, 0.4), (0.15, 0.4) on small images as above, of
         # side 96/224 of the global one rounded to a multiple of 8 (or ``local_size``).
         g_lo = 0.4 if local_crops else max(lo, 0.14)
-        ls = local_size or max(8, round(img_size * 96 / 224 / 8) * 8)
-        recipes = ([view(scale=(g_lo, 1.0), blur_p=1.0),
+        globals_ = [view(scale=(g_lo, 1.0), blur_p=1.0),
                     view(scale=(g_lo, 1.0), blur_p=0.1, solarize_p=0.2)]
-                   + [view(ls, scale=(0.15 if small else 0.05, 0.4), blur_p=0.5)] * local_crops)
+    globals_ = [_override(r, i, {**COLOUR_PRESETS[colour], **over}) for i, r in enumerate(globals_)]
     if method != "dino":
-        recipes = [base[v % len(base)] for v in range(views)]
-    return strong_colour(recipes) if dataset == "embedded" else recipes
+        return [globals_[v % len(globals_)] for v in range(views)]
+    ls = local_size or max(8, round(img_size * 96 / 224 / 8) * 8)
+    local = view(ls, scale=over.get("local_scale", (0.15 if small else 0.05, 0.4)), blur_p=0.5)
+    local = _override(local, 0, {k: v for k, v in {**COLOUR_PRESETS[colour], **over}.items()
+                                 if k not in ("scale", "blur_p", "solarize_p")})
+    return globals_ + [local] * local_crops
 
 
-# The embedded dataset draws every colour (shape and background) at random, so colour is its
-# main nuisance, and the recipes' hue ±0.1 leaves enough of it for instance discrimination to
-# key on instead of shape. A full hue rotation and grayscale for half the views remove it: in
-# SimCLR runs on the CPU preset, k-NN after 100k units rose from 19 % to 32 %.
-STRONG_COLOUR = dict(hue=0.5, grayscale_p=0.5)
+# Settings a user may override (train.py's flags), and the colour presets. The embedded
+# dataset draws every colour (shape and background) at random, so colour is its main
+# nuisance, and the recipes' hue ±0.1 leaves enough of it for instance discrimination to key
+# on instead of shape: "strong" rotates hue fully and grays half the views (SimCLR on the CPU
+# preset, k-NN after 100k units: 19 % → 32 %). On natural images the official recipe is right.
+OVERRIDES = ("scale", "jitter_strength", "hue", "grayscale_p", "blur_p", "solarize_p",
+             "local_scale")
+COLOUR_PRESETS = {"official": {}, "strong": dict(hue=0.5, grayscale_p=0.5)}
 
 
-def strong_colour(recipes):
-    """The same recipes with colour fully randomised (see STRONG_COLOUR)."""
-    return [dataclasses.replace(r, **STRONG_COLOUR) for r in recipes]
+def _override(recipe, i, over):
+    """recipe with the overrides applied; i picks the value of a per-view list (cycled)."""
+    kw = {}
+    for key, value in over.items():
+        if key == "local_scale":
+            continue
+        if key == "jitter_strength":
+            kw.update(brightness=recipe.brightness * value, contrast=recipe.contrast * value,
+                      saturation=recipe.saturation * value)
+        elif key in ("blur_p", "solarize_p"):
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            kw[key] = values[i % len(values)]
+        else:
+            kw[key] = tuple(value) if key == "scale" else value
+    return dataclasses.replace(recipe, **kw)
+
+
+def recipe_settings(args):
+    """build_views' keyword arguments from train.py's options (a namespace, or the dict saved
+    in a checkpoint: the probe rebuilds the run's own views). Absent or None: the default."""
+    a = args if isinstance(args, dict) else vars(args)
+    colour = a.get("colour") or ("strong" if a.get("data") == "embedded" else "official")
+    return dict(colour=colour, scale=a.get("crop_scale"), jitter_strength=a.get("jitter_strength"),
+                hue=a.get("hue"), grayscale_p=a.get("grayscale"), blur_p=a.get("blur"),
+                solarize_p=a.get("solarize"), local_scale=a.get("local_crop_scale"),
+                local_size=a.get("local_size"))

@@ -294,7 +294,7 @@ def bench_methods(args, device):
             method = losses.build_method(name, backbone, **losses.head_sizes(name, backbone.dim))
             method = method.to(device).train()
             opt = make_adamw([p for p in method.parameters() if p.requires_grad])
-            recipes = data.build_views(name, img, dataset="embedded" if img <= 64 else None)
+            recipes = data.build_views(name, img, colour="strong" if img <= 64 else "official")
             views = [torch.randn(batch, 3, r.size, r.size, device=device) for r in recipes]
             steps = {s: method_step(method, opt, views, st, device) for s, st in strategies.items()}
             times = interleaved_times(steps, args.warmup, args.steps)

@@ -10,7 +10,7 @@ beside each method's step rate.
 
     import bench_loader, data
     base = bench_loader.loader_base(32, 3 * 64)
-    views = data.ViewDataset(base, data.build_views("simclr", 32, dataset="embedded"))
+    views = data.ViewDataset(base, data.build_views("simclr", 32, colour="strong"))
     print(bench_loader.loader_rate(views, 64, workers=0, batches=2), "images/s")
 """
 import os
@@ -83,7 +83,7 @@ def bench_loader(args, device):
             if method not in args.methods:
                 continue
             recipes = data.build_views(method, size, local_crops=local,
-                                       dataset="embedded" if size <= 64 else None)
+                                       colour="strong" if size <= 64 else "official")
             for workers in args.workers:
                 rate = {kind: loader_rate(data.ViewDataset(base, recipes, seed=0, batched=b),
                                           batch, workers, args.steps)

@@ -72,7 +72,11 @@ def set_rng_state(s):
 FIXED_ARGS = ("method", "data", "model", "img_size", "patch_size", "batch_size", "budget", "lr",
               "weight_decay", "lr_schedule", "warmup", "accel", "cost", "symmetric",
               "local_crops", "seed", "data_size", "views", "auto_grid", "auto_at", "auto_batches",
-              "momentum")
+              "momentum", "clip_grad", "weight_decay_end", "min_lr", "out_dim", "teacher_temp",
+              "warmup_teacher_temp", "warmup_teacher_temp_frac", "freeze_last_layer",
+              "stop_grad_conv1", "pos_embed", "proj_dim", "lambd", "colour", "crop_scale",
+              "jitter_strength", "hue", "grayscale", "blur", "solarize", "local_crop_scale",
+              "local_size")
 
 
 def check_out_dir(args):
@@ -192,19 +196,25 @@ def check_state_dict(model, state_dict):
              "  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)"]))
 
 
-def load_backbone(path, model=None, img_size=None, branch="online"):
+def load_backbone(path, model=None, img_size=None, branch="auto"):
     """(backbone, info) from one of our checkpoints or any checkpoint in the interop layout.
 
     Ours carry ``vit_config``, so the ViT is rebuilt from it and ``model`` / ``img_size`` are
     not needed. Others (timm, DINO, MoCo-v3) carry only weights: ``model`` (a preset name of
     vit.PRESETS, or a dict of ViT kwargs) builds the ViT, with ``img_size`` overriding the
     preset's. The load is strict: any mismatch raises, listing the offending keys and shapes.
+    ``branch`` "auto" picks the weights the method's paper evaluates (DINO: the teacher).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    if branch == "auto":                 # DINO reports its teacher; MoCo-v3 its base encoder
+        args = ckpt.get("args")
+        method = (vars(args) if isinstance(args, argparse.Namespace) else args or {}).get("method")
+        branch = "target" if method == "dino" or ("teacher" in ckpt and "student" in ckpt) \
+            else "online"
     if "vit_config" in ckpt:                                          # written by train.py
         backbone = vit.ViT(**ckpt["vit_config"])
         sd = ckpt["backbone"] if branch == "online" else _target_backbone(ckpt, path)

@@ -24,10 +24,18 @@ Concern: *what* each view of a training sample is compressed to, and *what that 
 * **Cost model.** Forward FLOPs of one block on L tokens of width D (MLP ratio 4):
   qkv 6LD² + attention 4L²D + projection 2LD² + MLP 16LD² = 24LD² + 4L²D, times depth,
   plus the patch embedding 2·N·(3p²)·D. One **unit** is one forward pass of the
-  uncompressed base backbone on one image; a view costs f(L_view)/f(L_base) units times
-  3 if it carries gradient (forward + backward ≈ 3 forwards) and 1 if it only goes through
-  a momentum / teacher encoder. ``--budget`` in train.py is counted in these units.
-  The ``measured`` mode replaces f(L) by timed forward passes of the actual model.
+  uncompressed base backbone on one image (heads not included). A view costs
+
+      units(view) = (f(L_view) + h) / f(L_base) × (3 with gradient, 1 without)
+
+  where 3 is forward + backward ≈ 3 forwards, 1 a pass through a momentum / teacher
+  encoder, and h the forward FLOPs of the head that follows the backbone on that branch
+  (2·in·out per nn.Linear, one sample: a head sees the class token only, so h does not
+  shrink with compression). ``heads=(online, target)`` gives the two heads; without them
+  h = 0. On ViT-S/B the heads are under 1 % of a view; on the narrow CPU preset they are not,
+  and leaving them out overstates the saving of aggressive compression.
+  ``--budget`` in train.py is counted in these units. The ``measured`` mode replaces
+  f(L) + h by timed forward passes of the actual model and head.
 
 Usage::
 
@@ -36,15 +44,20 @@ Usage::
     s = Strategy.parse("q:drop=0.75")
     cost = CostModel(vit.build_vit("base"))
     cost.sample_units("moco", s)          # 3·f(0.25 N)/f(N) + 1 ≈ 1.66 (symmetric: ×2)
+    # with the method's heads: CostModel(backbone, heads=method.cost_heads())
 
-``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48).
+``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48); ``--heads``
+adds the method's heads.
 """
 import argparse
 import dataclasses
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
+from distributed import rank_world
 from vit import token_dropout  # noqa: F401  (re-exported: token dropout lives with the ViT)
 
 
@@ -165,54 +178,114 @@ def forward_flops(model, img_size=None, patch_size=None, drop=0.0):
     return embed + model.depth * block_flops(L, model.dim)
 
 
+def head_flops(head):
+    """Forward FLOPs of a head on one sample: 2·in·out for every nn.Linear in it (biases,
+    norms and activations are left out, as in the block count); 0 for no head."""
+    if head is None:
+        return 0
+    return sum(2 * m.in_features * m.out_features for m in head.modules()
+               if isinstance(m, nn.Linear))
+
+
+HEAD_ROLES = ("online", "target")
+
+
 class CostModel:
     """Sample cost in units (forward passes of the uncompressed base backbone).
 
     mode "flops" counts FLOPs (above); mode "measured" times forward passes of ``model``
-    (batch ``batch``, median of ``reps``) for each sequence setting the first time it is
-    asked for, and uses time ratios instead.
+    then the head (batch ``batch``, median of ``reps``) for each sequence setting the first
+    time it is asked for, and uses time ratios instead. ``heads`` = (online, target): the
+    modules after the backbone on a gradient-carrying view and on a momentum / teacher view
+    (``method.cost_heads()``; None where there is none). The unit excludes them.
     """
 
-    def __init__(self, model, mode="flops", batch=32, reps=5):
+    def __init__(self, model, mode="flops", batch=32, reps=5, heads=(None, None)):
         if mode not in ("flops", "measured"):
             raise ValueError(f"cost mode {mode!r}; allowed: flops, measured")
+        heads = tuple(heads)
+        if len(heads) != 2 or not all(h is None or isinstance(h, nn.Module) for h in heads):
+            raise ValueError(f"heads={heads!r}; allowed: (online, target), each an nn.Module "
+                             "or None")
         self.model, self.mode, self.batch, self.reps = model, mode, batch, reps
+        self.heads = dict(zip(HEAD_ROLES, heads))
+        self.head_flops = {role: head_flops(h) for role, h in self.heads.items()}
         self._cache = {}
-        self.base = self.forward_cost()
+        self.base = self.forward_cost()                  # the backbone alone: the unit
 
-    def forward_cost(self, img_size=None, patch_size=None, drop=0.0):
-        key = (img_size, patch_size, drop)
+    def forward_cost(self, img_size=None, patch_size=None, drop=0.0, head=None):
+        """f(L) + h of one view: the backbone at this setting, then ``head`` ("online",
+        "target", or None for the backbone alone); FLOPs per image, or seconds per batch."""
+        if head is not None and head not in HEAD_ROLES:
+            raise ValueError(f"head {head!r}; allowed: {', '.join(HEAD_ROLES)} or None")
+        if head is not None and self.heads[head] is None:
+            head = None                                  # no such head: the backbone alone
+        key = (img_size, patch_size, drop, head)
         if key not in self._cache:
             if self.mode == "flops":
-                self._cache[key] = forward_flops(self.model, img_size, patch_size, drop)
+                self._cache[key] = (forward_flops(self.model, img_size, patch_size, drop)
+                                    + (self.head_flops[head] if head else 0))
             else:
-                self._cache[key] = self._time_forward(img_size, patch_size, drop)
+                self._cache[key] = self._time_forward(img_size, patch_size, drop, head)
         return self._cache[key]
 
+    def _time_forward(self, img_size, patch_size, drop, head):
+        """Median seconds of a forward pass (backbone, then the head) on a batch.
+
+        Under torchrun rank 0 times and every rank takes its number, so that all ranks charge
+        the same prices: each rank's progress decides when it leaves the training loop, and
+        ranks that leave at different steps wait for each other's collectives forever. The
+        broadcast is safe because every rank prices the same settings in the same order
+        (train.py prices each stage, and the probe its grid, on every rank in lockstep), so
+        each broadcast meets its partners."""
+        rank, world = rank_world()
+        device = next(self.model.parameters()).device
+        seconds = self._median_seconds(img_size, patch_size, drop, head, device) \
+            if rank == 0 else 0.0
+        if world > 1:
+            box = torch.tensor([seconds], dtype=torch.float64, device=device)
+            dist.broadcast(box, src=0)
+            seconds = box.item()
+        return seconds
+
     @torch.no_grad()
-    def _time_forward(self, img_size, patch_size, drop):
-        m = self.model
+    def _median_seconds(self, img_size, patch_size, drop, head, device):
+        m, h = self.model, self.heads[head] if head else None
         img = m.img_size if img_size is None else img_size
-        device = next(m.parameters()).device
-        x = torch.randn(self.batch, m.in_chans, img, img, device=device)
-        was_training = m.training
-        m.train()                                   # dropout only acts in training mode
-        times = []
-        for i in range(self.reps + 1):              # the first call warms up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            m(x, patch_size=patch_size, drop=drop)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        m.train(was_training)
+        modes = (m.training, h.training if h is not None else None)
+        # Timing runs token dropout and draws its input: on a forked RNG, so that pricing a
+        # strategy never moves the training stream.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x = torch.randn(self.batch, m.in_chans, img, img, device=device)
+            m.train()                               # dropout only acts in training mode
+            if h is not None:
+                # eval: a BatchNorm head in training mode would update its running statistics
+                # and, under torchrun, gather batch statistics from ranks that are not timing
+                h.eval()
+            times = []
+            try:
+                for i in range(self.reps + 1):      # the first call warms up
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    feats = m(x, patch_size=patch_size, drop=drop)       # (B, D)
+                    if h is not None:
+                        h(feats)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t)
+            finally:
+                m.train(modes[0])
+                if h is not None:
+                    h.train(modes[1])
         return sorted(times[1:])[len(times[1:]) // 2]
 
     def view_units(self, vc, grad=True, img_size=None):
-        """f(L_view)/f(L_base) × (3 with gradient, 1 through a momentum/teacher encoder)."""
+        """(f(L_view) + h)/f(L_base) × (3 with gradient, 1 through a momentum/teacher encoder),
+        h the online head's FLOPs with gradient, the target head's without."""
         vc = vc or ViewCompression()
-        rel = self.forward_cost(img_size, vc.patch_size, vc.drop) / self.base
+        head = "online" if grad else "target"
+        rel = self.forward_cost(img_size, vc.patch_size, vc.drop, head) / self.base
         return rel * (3.0 if grad else 1.0)
 
     def sample_units(self, method, strategy=NONE, views=2, local_crops=0, local_size=None,
@@ -230,7 +303,8 @@ class CostModel:
                  M views are 2 global + (M − 2) local crops: strategy.views = M overrides
                  ``local_crops`` with M − 2 (``views`` itself is not used: DINO counts crops;
                  give ``local_size`` whenever there are local crops).
-        Uncompressed: SimCLR 6, MoCo-v3 8 (one-directional 4), DINO with 2 global crops 8.
+        Uncompressed, without heads: SimCLR 6, MoCo-v3 8 (one-directional 4), DINO with 2
+        global crops 8; with heads, each view adds h/f(L_base) × (3 or 1) of its branch's head.
         """
         strategy = strategy or NONE
         if strategy.views is not None:
@@ -268,12 +342,23 @@ def main(argv=None):
     ap.add_argument("--method", default="moco", choices=["simclr", "moco", "dino", "multiview"])
     ap.add_argument("--mode", default="flops", choices=["flops", "measured"],
                     help="flops: analytic count; measured: timed forward passes (slow for base)")
+    ap.add_argument("--heads", action="store_true",
+                    help="count the method's heads too (projector, predictor, DINO head; "
+                         "losses.head_sizes), as train.py charges; the paper's figure is "
+                         "backbone only")
     args = ap.parse_args(argv)
     model = vit.build_vit(args.model)
-    cost = CostModel(model, args.mode)
+    heads = (None, None)
+    if args.heads:
+        import losses
+        method = losses.build_method(args.method, model,
+                                     **losses.head_sizes(args.method, model.dim))
+        heads = method.cost_heads()
+    cost = CostModel(model, args.mode, heads=heads)
     base = cost.sample_units(args.method)
     print(f"sample cost in units (1 unit = 1 forward of uncompressed ViT-{args.model}), "
-          f"{args.method}, key view uncompressed; baseline = {base:.2f}")
+          f"{args.method}{' with heads' if args.heads else ''}, key view uncompressed; "
+          f"baseline = {base:.2f}")
     print("patch \\ drop " + "".join(f"{d:>7.2f}" for d in DROP_GRID))
     for p in default_patch_grid(model.patch_size):
         row = [cost.sample_units(args.method, Strategy(q=ViewCompression(d, p))) for d in DROP_GRID]

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 # The view augmentations (augment.py) are re-exported: train.py, schedule.py, bench.py and the
 # tests call data.build_views, data.ViewRecipe, data.augment, data.MEAN, ... as before the split.
-from augment import (MEAN, METHODS, STD, STRONG_COLOUR, ViewParams, ViewRecipe,  # noqa: F401
+from augment import (COLOUR_PRESETS, MEAN, METHODS, STD, ViewParams, ViewRecipe,  # noqa: F401
                      augment, augment_batch, blur_size, build_views, draw_params, resized_crops,
-                     strong_colour)
+                     recipe_settings)
 from embedded import SHAPES, EmbeddedShapes, TensorImages, mix_seed as _mix  # noqa: F401
 
 DATASETS = ("embedded", "cifar10", "cifar100", "stl10", "folder")

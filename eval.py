@@ -292,8 +292,9 @@ def parse_args(argv=None):
                         "architecture) instead of trained weights")
     p.add_argument("--model", help=f"ViT preset ({', '.join(vit.PRESETS)}) for checkpoints "
                                    "without 'vit_config' and for --random-init")
-    p.add_argument("--branch", default="online", choices=("online", "target"),
-                   help="online (student / base encoder) or target (teacher / momentum) weights")
+    p.add_argument("--branch", default="auto", choices=("auto", "online", "target"),
+                   help="online (student / base encoder) or target (teacher / momentum) weights; "
+                        "auto: what each method's paper reports — DINO's teacher, else online")
     p.add_argument("--data", help="embedded, cifar10, cifar100, stl10, folder "
                                   "(default: the checkpoint's training data, else embedded)")
     p.add_argument("--data-root", help="dataset directory (default: the checkpoint's)")
@@ -387,7 +388,7 @@ def main(argv=None):
 
     # ===== protocols =====
     results, table = dict(checkpoint=args.checkpoint, format=info.get("format"),
-                          branch=args.branch, config=info.get("config"), data=name,
+                          branch=info.get("branch", args.branch), config=info.get("config"), data=name,
                           img_size=img_size, n_train=len(train_set), n_val=len(val_set)), []
     start = time.time()
     if args.pixel_knn:

@@ -13,7 +13,7 @@ single process on the concatenated batch.
     SimCLR     ℓ_a = −1/(M−1) Σ_{p∈P(a)} log exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ)   M views, M−1 positives
     MoCo-v3    L = 2τ · CE(q·kᵀ/τ, key of the same image)              keys: momentum encoder
     DINO       H(p_t, p_s) = −Σ softmax((t − c)/τ_t) · log softmax(s/τ_s)   teacher: EMA copy
-    MultiView  mean_m ‖z̃_m − z̄‖²/d + β·Σ_{i≠j} C_ij²     z̃: standardised, C: correlation of z̄
+    MultiView  Σ_i (C_ii − 1)² + λ·Σ_{i≠j} C_ij²   Barlow Twins over M views (mean embedding)
 
 Usage::
 
@@ -24,6 +24,7 @@ Usage::
     loss.backward(); method.update_target(progress=0.0)     # after optimizer.step() in train.py
 """
 import copy
+import functools
 import math
 import types
 
@@ -33,6 +34,30 @@ import torch.nn.functional as F
 
 from distributed import (GlobalBatchNorm1d, rank_world, all_reduce_mean,  # noqa: F401
                          gather_no_grad, gather_with_grad)
+
+
+def float32(fn):
+    """Run ``fn`` in float32 even under autocast: its tensor arguments are cast up and autocast
+    is off inside. For the losses and the heads' last layers: measured in bf16, the NT-Xent
+    gradient is 1.2 % off and DINO's 1.5 % (its teacher divides by 0.04), while the float32
+    cost of a (B, d) projection is negligible next to the backbone's. Float64 stays float64."""
+    def wrapper(*args, **kwargs):
+        up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32)) \
+            if torch.is_tensor(x) and x.is_floating_point() else x             # noqa: E731
+        device = next((x.device.type for x in args if torch.is_tensor(x)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*[up(a) if not isinstance(a, list) else [up(x) for x in a] for a in args],
+                      **{k: up(v) for k, v in kwargs.items()})
+    return functools.update_wrapper(wrapper, fn)
+
+
+class Float32Linear(nn.Linear):
+    """nn.Linear computed in float32 under autocast (a head's last layer; see ``float32``)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(torch.promote_types(x.dtype, self.weight.dtype)), self.weight,
+                            self.bias)
 
 
 def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
@@ -46,7 +71,7 @@ def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
     for i in range(layers):
         d_in = in_dim if i == 0 else hidden_dim
         d_out = out_dim if i == layers - 1 else hidden_dim
-        blocks.append(nn.Linear(d_in, d_out, bias=False))
+        blocks.append((nn.Linear if i < layers - 1 else Float32Linear)(d_in, d_out, bias=False))
         if i < layers - 1:
             blocks += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
@@ -55,6 +80,7 @@ def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
 
 
 # ============================================================================ losses
+@float32
 def nt_xent_multi(zs, temperature=0.2):
     """SimCLR's NT-Xent with M ≥ 2 views and several positives per anchor (multi-positive).
 
@@ -96,8 +122,9 @@ def nt_xent(z1, z2, temperature=0.2):
     return nt_xent_multi([z1, z2], temperature)
 
 
-def standardize(z, eps=1e-5):
-    """z̃ = (z − μ)/√(σ² + ε) per dimension, μ and σ² (biased) over the GLOBAL batch.
+def standardize(z, eps=1e-5, unbiased=False):
+    """z̃ = (z − μ)/√(σ² + ε) per dimension, μ and σ² over the GLOBAL batch (biased, or
+    unbiased: Σ/(n − 1), as torch.std, with ``unbiased``).
 
     The statistics are sums gathered with gradient from every rank, as GlobalBatchNorm1d
     computes them, so W processes standardise exactly as one process on the whole batch, and
@@ -109,40 +136,58 @@ def standardize(z, eps=1e-5):
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     mean = gather_with_grad(z.sum(0, keepdim=True)).sum(0) / n        # μ: (d,)
     zc = z - mean
-    var = gather_with_grad((zc * zc).sum(0, keepdim=True)).sum(0) / n  # σ²: (d,)
+    var = gather_with_grad((zc * zc).sum(0, keepdim=True)).sum(0) / (n - 1 if unbiased else n)
     return zc * torch.rsqrt(var + eps)
 
 
-def multiview_loss(zs, beta=0.01, eps=1e-5):
-    """The multi-view loss of arXiv 2312.10725 (§6 of DESIGN.md): invariance + orthogonality.
+def _correlation(a, b):
+    """C = aᵀb / N_g over the GLOBAL batch, (N, d) × (N, d) → (d, d), the same on every rank."""
+    n_g = a.shape[0] * rank_world()[1]
+    return gather_with_grad((a.T @ b)[None]).sum(0) / n_g
 
-    zs: list of M ≥ 2 (N, d) projections of the same N local images. Per view m, z̃_m is z_m
-    standardised per dimension over the global batch; z̄ = (1/M) Σ_m z̃_m is the mean over views.
 
-        invariance    = 1/(M·N·d) Σ_m Σ_n ‖z̃_{m,n} − z̄_n‖²     (local mean; DDP's average over
-                        ranks makes it the global one). Per dimension it is 1 − mean_n z̄_n², so
-                        it lies in [0, 1]: 0 when the views agree, ≈ 1 − 1/M when they are
-                        independent; at M = 2 it is ‖z̃_1 − z̃_2‖²/(4d) per sample.
-        orthogonality = β · Σ_{i≠j} C_ij²,   C = ẑᵀẑ / N_g  (d, d) with ẑ = z̄ standardised:
-                        the correlation matrix of z̄ over the GLOBAL batch (the same on every rank).
+def _off_diagonal(c):
+    return c - torch.diag_embed(torch.diagonal(c))                   # C_ij for i ≠ j, 0 on i = j
 
-    Pulling every view to the mean estimates the augmentation kernel better with more views;
-    decorrelating the dimensions keeps the embedding from collapsing. Returns (loss, invariance,
-    orthogonality).
+
+@float32
+def multiview_loss(zs, lambd=0.04, eps=1e-5):
+    """Barlow Twins with M views, as the second paper's code computes it (arXiv 2312.10725).
+
+    zs: list of M ≥ 2 (N, d) projections of the same N local images. Each row is first
+    L2-normalised; then the M·N rows are standardised TOGETHER per dimension (unbiased σ, over
+    the global batch), z̃_m being view m's rows. With C⁽ᵃᵇ⁾ = z̃_aᵀ z̃_b / N_g (d, d):
+
+        M = 2:  L = Σ_i (C⁽¹²⁾_ii − 1)²  +  λ · Σ_{i≠j} (C⁽¹²⁾_ij)²              (Barlow Twins)
+        M > 2:  z̄ = (1/M) Σ_m z̃_m,   L = (1/M) Σ_m Σ_i (C⁽ᵐᶻ̄⁾_ii − 1)²  +  λ · Σ_{i≠j} (C⁽ᶻ̄ᶻ̄⁾_ij)²
+
+    The on-diagonal term makes every view agree with the others (with the mean embedding,
+    itself included, for M > 2); the off-diagonal term decorrelates the dimensions of the
+    shared embedding, which keeps it from collapsing. The authors special-case M = 2 because
+    the mean includes the view itself: the M > 2 form at M = 2 is not Barlow Twins. Their
+    recommendation — a small projector d with a strong λ — is why λ·d is large here (2.5–5 in
+    their CIFAR-10 sweeps) where Barlow Twins' own λ = 0.005 at d = 8192 gives λ·d ≈ 41 with
+    far more, far weaker pair terms. (ε: the authors divide by σ alone; a dead dimension
+    would give NaN.) Returns (loss, on-diagonal term, λ·off-diagonal term).
     """
-    if len(zs) < 2:
-        raise ValueError(f"the multi-view loss needs at least 2 views, got {len(zs)}")
-    zt = torch.stack([standardize(z, eps) for z in zs])               # (M, N, d)
-    z_bar = zt.mean(0)                                                # (N, d)
-    invariance = (zt - z_bar).pow(2).mean()                           # mean over M, N and d
-    zh = standardize(z_bar, eps)                                      # (N, d)
-    n_g = zh.shape[0] * rank_world()[1]
-    corr = gather_with_grad((zh.T @ zh)[None]).sum(0) / n_g           # C: (d, d), global batch
-    off = corr - torch.diag_embed(torch.diagonal(corr))               # C_ij, i ≠ j (diagonal 0)
-    orthogonality = beta * off.pow(2).sum()
-    return invariance + orthogonality, invariance, orthogonality
+    m = len(zs)
+    if m < 2:
+        raise ValueError(f"the multi-view loss needs at least 2 views, got {m}")
+    n = zs[0].shape[0]
+    z = F.normalize(torch.cat(zs).to(torch.promote_types(zs[0].dtype, torch.float32)), dim=1)
+    zt = standardize(z, eps, unbiased=True).split(n)                  # M × (N, d), joint stats
+    if m == 2:
+        c = _correlation(zt[0], zt[1])                                # (d, d) cross-correlation
+        on = (torch.diagonal(c) - 1).pow(2).sum()
+        off = _off_diagonal(c).pow(2).sum()
+    else:
+        z_bar = torch.stack(zt).mean(0)                               # (N, d) mean embedding
+        on = sum((torch.diagonal(_correlation(v, z_bar)) - 1).pow(2).sum() for v in zt) / m
+        off = _off_diagonal(_correlation(z_bar, z_bar)).pow(2).sum()
+    return on + lambd * off, on, lambd * off
 
 
+@float32
 def moco_v3_loss(q, k, temperature=0.2):
     """MoCo-v3's contrastive loss of local predictions q against the keys k of ALL ranks."""
     rank, _ = rank_world()
@@ -155,6 +200,7 @@ def moco_v3_loss(q, k, temperature=0.2):
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
+@float32
 def dino_loss(student_out, teacher_out, center, student_temp=0.1, teacher_temp=0.04):
     """DINO's cross-entropy between every teacher crop i and every student crop j ≠ i.
 
@@ -185,9 +231,11 @@ def update_center(center, teacher_out, momentum=0.9):
     return center
 
 
-def teacher_temperature(progress, warmup_temp=0.04, final_temp=0.07, warmup_frac=0.3):
+def teacher_temperature(progress, warmup_temp=0.04, final_temp=0.04, warmup_frac=0.0):
     """DINO's τ_t: linear from warmup_temp to final_temp over the first warmup_frac of the
-    budget, then constant (a hot teacher early is unstable; DINO warns above 0.07)."""
+    budget, then constant. The official defaults are a constant 0.04 (warm-up 0); its ViT-S
+    recipe warms 0.04 → 0.07 over the first 30 of 100 epochs (warmup_frac 0.3). DINO's help
+    text warns that above 0.07 training is unstable; a lower τ_t sharpens the targets."""
     progress = min(max(progress, 0.0), 1.0)     # the last step may overshoot the budget a little
     if progress >= warmup_frac:
         return final_temp
@@ -237,8 +285,12 @@ class DINOHead(nn.Module):
         g.requires_grad_(False)
 
     def forward(self, x):
-        x = F.normalize(self.mlp(x), dim=-1)                          # (B, bottleneck_dim)
-        return self.last_layer(x)                                     # (B, out_dim)
+        x = self.mlp(x)
+        # The prototypes' logits in float32 under autocast: the teacher divides them by
+        # τ_t = 0.04, which magnifies bf16's 3 significant digits into visible target error.
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # (B, bottleneck)
+            return self.last_layer(x)                                 # (B, out_dim)
 
 
 # =========================================================================== methods
@@ -322,6 +374,10 @@ class SimCLR(nn.Module):
         loss = nt_xent_multi(z, self.temperature)
         return loss, {"loss": loss.item()}
 
+    def cost_heads(self):
+        """(head after an online view, head after a target view), for compress.CostModel."""
+        return self.projector, None
+
     def update_target(self, progress):
         """No target network in SimCLR."""
 
@@ -364,6 +420,10 @@ class MoCoV3(nn.Module):
         loss = loss * (2 if self.symmetric else 1)
         return loss, {"loss": loss.item()}
 
+    def cost_heads(self):
+        """(head after an online view, head after a target view), for compress.CostModel."""
+        return nn.Sequential(self.projector, self.predictor), self.momentum_encoder.head
+
     @torch.no_grad()
     def update_momentum(self, m):
         """θ_k ← m·θ_k + (1−m)·θ_q over backbone and projector (called after optimizer.step();
@@ -385,9 +445,9 @@ class DINO(nn.Module):
     ones); the loss averages H over the 2·(M − 1) (teacher crop, other student crop) pairs.
     """
 
-    def __init__(self, backbone, out_dim=4096, hidden_dim=1024, bottleneck_dim=256,
-                 student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.07,
-                 teacher_temp_warmup=0.3, center_momentum=0.9, momentum=0.996):
+    def __init__(self, backbone, out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
+                 student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.04,
+                 teacher_temp_warmup=0.0, center_momentum=0.9, momentum=0.996):
         super().__init__()
         self.backbone = backbone
         self.head = DINOHead(backbone.dim, out_dim, hidden_dim, bottleneck_dim)
@@ -423,6 +483,18 @@ class DINO(nn.Module):
         update_center(self.center, teacher, self.center_momentum)     # after the loss, as DINO
         return loss, {"loss": loss.item(), "teacher_temp": temp}
 
+    def cost_heads(self):
+        """(head after a student crop, head after a teacher crop), for compress.CostModel."""
+        return self.head, self.teacher.head
+
+    def cancel_last_layer_gradients(self):
+        """Drop the gradient of the head's last layer (the prototypes), so this step leaves it
+        as it is. DINO freezes it for the first epoch: while the backbone is still random,
+        the prototypes would follow noise, and the official code found training more stable
+        with them fixed. AdamW skips a parameter without gradient (no step, no decay)."""
+        for p in self.head.last_layer.parameters():
+            p.grad = None
+
     @torch.no_grad()
     def update_teacher(self, m):
         """θ_t ← m·θ_t + (1−m)·θ_s over backbone and head."""
@@ -436,22 +508,26 @@ class MultiView(nn.Module):
     """Many cheap views, small projector (arXiv 2312.10725): backbone → MLP → ``multiview_loss``.
 
     Every view carries gradient; view i is compressed with strategy.q for even i and strategy.k
-    for odd i, as in SimCLR (and charged the same by compress.py). The projector output is
-    low-dimensional (256 for ViT-S/B, 128 for narrow backbones) with no final BN: the loss
-    standardises each view itself. β = 0.01 weighs the orthogonality penalty (the second paper
-    pairs a small projector with a strong orthogonality constraint). Three layers, like the
-    Barlow Twins / VICReg projectors this loss family uses, is our choice.
+    for odd i, as in SimCLR (and charged the same by compress.py). The projector is the
+    authors': Linear(D → d) → BN → ReLU → Linear(d → d), hidden width = output width d, small
+    (128 at most, and no wider than the batch: a d × d correlation from fewer than d rows is
+    rank-deficient, and its off-diagonal term could not reach 0), with λ = 0.04. All views go
+    through the projector in one call, as the authors' code does: BN statistics over M·N rows.
     """
 
-    def __init__(self, backbone, proj_dim=256, hidden_dim=2048, beta=0.01, layers=3):
+    def __init__(self, backbone, proj_dim=128, lambd=0.04):
         super().__init__()
-        self.backbone, self.beta = backbone, beta
-        self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=layers, last_bn=False)
+        self.backbone, self.lambd = backbone, lambd
+        self.projector = mlp(backbone.dim, proj_dim, proj_dim, layers=2, last_bn=False)
 
     def forward(self, views, strategy=None, progress=0.0):
-        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, proj)
-        loss, inv, orth = multiview_loss(z, self.beta)
-        return loss, {"loss": loss.item(), "invariance": inv.item(), "orthogonality": orth.item()}
+        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, d)
+        loss, on, off = multiview_loss(z, self.lambd)
+        return loss, {"loss": loss.item(), "on_diag": on.item(), "off_diag": off.item()}
+
+    def cost_heads(self):
+        """(head after an online view, head after a target view), for compress.CostModel."""
+        return self.projector, None
 
     def update_target(self, progress):
         """No target network in the multi-view method."""
@@ -469,11 +545,37 @@ def head_sizes(name, dim):
     if name == "moco":
         return dict(proj_dim=128 if small else 256, hidden_dim=512 if small else 4096)
     if name == "dino":
-        return dict(out_dim=1024 if small else 65536, hidden_dim=512 if small else 2048,
+        return dict(out_dim=4096 if small else 65536, hidden_dim=512 if small else 2048,
                     bottleneck_dim=128 if small else 256)
     if name == "multiview":                       # the second paper: a small projector
-        return dict(proj_dim=128 if small else 256, hidden_dim=512 if small else 2048)
+        return dict(proj_dim=128)
     raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def method_kwargs(args, dim):
+    """The constructor arguments of ``args.method`` from train.py's options: head sizes for a
+    backbone of width ``dim``, then the flags that override them (saved in every checkpoint,
+    so the probe and eval.py rebuild the same model)."""
+    kw = head_sizes(args.method, dim)
+    if args.method in ("moco", "dino") and args.momentum is not None:
+        kw["momentum"] = args.momentum
+    if args.method == "moco":
+        kw["symmetric"] = args.symmetric
+    if args.method == "dino":
+        kw.update(teacher_temp=args.warmup_teacher_temp, teacher_temp_final=args.teacher_temp,
+                  teacher_temp_warmup=args.warmup_teacher_temp_frac)
+        if args.out_dim is not None:
+            kw["out_dim"] = args.out_dim
+    if args.method == "multiview":
+        per_view = args.batch_size                     # rows of each view's correlation
+        if args.proj_dim is not None and args.proj_dim > per_view:
+            raise ValueError(f"--proj-dim {args.proj_dim} is wider than the batch "
+                             f"({per_view} images): its d × d correlation would be rank-"
+                             f"deficient; use --proj-dim ≤ {per_view}")
+        kw["proj_dim"] = args.proj_dim or min(kw["proj_dim"], per_view)
+        if args.lambd is not None:
+            kw["lambd"] = args.lambd
+    return kw
 
 
 def build_method(name, backbone, **kwargs):

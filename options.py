@@ -32,6 +32,13 @@ CPU_PRESET_LR = 5e-3
 # slow key encoder barely moves: 0.9 on the CPU preset (k-NN after 200k units 24.4 % vs 20.1 %,
 # README "Results"). DINO's teacher is kept at 0.996: 0.9 did not help it at that budget.
 CPU_PRESET_MOCO_MOMENTUM = 0.9
+# DINO on the cpu preset (measured on CIFAR-10, README "Recipes"): K prototypes and local crops.
+DINO_SMALL_OUT_DIM = 4096
+DINO_LOCAL_CROPS = 2
+# The multi-view loss: the authors' CIFAR-10 sweeps pair a small projector (d ≤ 128) with a
+# strong orthogonality weight λ = 0.04 (λ·d ≈ 2.5–5; 0.0078 = 1/128 is their starting point).
+MULTIVIEW_PROJ_DIM = 128
+MULTIVIEW_LAMBDA = 0.04
 SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
 
@@ -62,6 +69,29 @@ def fraction_list(text):
     if any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: every fraction must be in [0, 1]")
     return sorted(set(values))
+
+
+def fraction_pair(text):
+    """'0.25,1' → (0.25, 1.0): an area range 0 < lo ≤ hi ≤ 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (e.g. 0.25,1)") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < LO ≤ HI ≤ 1")
+    return (lo, hi)
+
+
+def probability_list(text):
+    """'0.5' or '1,0.1' → a tuple of probabilities in [0, 1]."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability or a comma-separated "
+                                         "list of them") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every probability must be in [0, 1]")
+    return values
 
 
 def get_args(argv=None):
@@ -120,8 +150,80 @@ def get_args(argv=None):
                     help="how the budget prices a step: counted FLOPs or timed forward passes")
     ap.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
                     help="MoCo-v3: symmetric loss (both views as queries, 8 units) as the official code")
-    ap.add_argument("--local-crops", type=int, default=0,
-                    help="DINO: number of small local crops (official: 10 at 96 px on 224 px images)")
+    ap.add_argument("--local-crops", type=int, default=None,
+                    help="DINO: number of small local crops (official: 8 at 96 px on 224 px "
+                         f"images); default {DINO_LOCAL_CROPS} on the cpu preset, 8 otherwise")
+    # ----- optimisation: the official DINO recipe, available to every method -----
+    ap.add_argument("--clip-grad", type=float, default=None,
+                    help="clip each parameter's gradient to this L2 norm, as DINO's "
+                         "clip_gradients does (per parameter, not the global norm); 0: off. "
+                         "Default 3.0 for DINO (official), 0 otherwise (MoCo-v3, SimCLR: none)")
+    ap.add_argument("--weight-decay-end", type=float, default=None,
+                    help="weight decay at the end of training, reached on a cosine over "
+                         "progress from --weight-decay; default 0.4 for DINO (official 0.04 → "
+                         "0.4), else constant (= --weight-decay)")
+    ap.add_argument("--min-lr", type=float, default=None,
+                    help="the learning rate the cosine / polynomial decay ends at (absolute, "
+                         "not per 256); default 1e-6 for DINO (official), 0 otherwise")
+    # ----- DINO -----
+    ap.add_argument("--out-dim", type=int, default=None,
+                    help="DINO: prototypes K of the head; official 65536, default "
+                         f"{DINO_SMALL_OUT_DIM} for narrow backbones (dim < 256), where small "
+                         "batches and few steps cannot spread mass over 65k prototypes")
+    ap.add_argument("--teacher-temp", type=float, default=0.04,
+                    help="DINO: teacher temperature τ_t after warm-up (official default 0.04; "
+                         "its ViT-S recipe 0.07; above 0.07 is unstable; lower sharpens against "
+                         "collapse to the uniform distribution)")
+    ap.add_argument("--warmup-teacher-temp", type=float, default=0.04,
+                    help="DINO: τ_t at progress 0, rising linearly to --teacher-temp")
+    ap.add_argument("--warmup-teacher-temp-frac", type=float, default=0.0,
+                    help="DINO: fraction of the budget over which τ_t warms up (official: 0 by "
+                         "default, 30 of 100 epochs = 0.3 in its ViT-S recipe)")
+    ap.add_argument("--freeze-last-layer", type=float, default=0.01,
+                    help="DINO: the head's last layer takes no step before this fraction of "
+                         "the budget (official: the first of 100 epochs)")
+    # ----- MoCo-v3 / ViT -----
+    ap.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=None,
+                    help="freeze the patch projection at its random initialisation (MoCo-v3's "
+                         "fix for training instability on ViTs); default: on for MoCo-v3, off "
+                         "otherwise. Patch scaling resizes the frozen base kernel")
+    ap.add_argument("--pos-embed", default="learned", choices=["learned", "sincos"],
+                    help="learned position embedding, or MoCo-v3's fixed 2-D sin-cos one "
+                         "(computed directly for any grid, so patch scaling interpolates nothing)")
+    # ----- augmentations: each method's official recipe unless a flag says otherwise -----
+    ap.add_argument("--colour", default=None, choices=["official", "strong"],
+                    help="colour augmentation preset: official (the method's recipe), or strong "
+                         "(hue ±0.5, grayscale 0.5: for data whose colours are random, where the "
+                         "official recipe lets views be matched by colour alone); default strong "
+                         "on the embedded set, official elsewhere. The flags below override it")
+    ap.add_argument("--crop-scale", type=fraction_pair, default=None, metavar="LO,HI",
+                    help="area range of the (global) random-resized crops; default: the "
+                         "method's (0.08,1 — 0.25,1 below 96 px; DINO 0.4,1 with local crops, "
+                         "0.14,1 without)")
+    ap.add_argument("--jitter-strength", type=float, default=None,
+                    help="× the recipe's brightness / contrast / saturation jitter (default 1)")
+    ap.add_argument("--hue", type=float, default=None, help="hue jitter ±h, h ∈ [0, 0.5] (default 0.1)")
+    ap.add_argument("--grayscale", type=float, default=None,
+                    help="probability of a grayscale view (default 0.2)")
+    ap.add_argument("--blur", type=probability_list, default=None, metavar="P[,P]",
+                    help="Gaussian-blur probability, one value or one per global view (default: "
+                         "SimCLR 0.5; MoCo-v3, DINO 1.0,0.1)")
+    ap.add_argument("--solarize", type=probability_list, default=None, metavar="P[,P]",
+                    help="solarisation probability, one value or one per global view (default: "
+                         "SimCLR 0; MoCo-v3, DINO 0,0.2)")
+    ap.add_argument("--local-crop-scale", type=fraction_pair, default=None, metavar="LO,HI",
+                    help="DINO: area range of the local crops (default 0.05,0.4; 0.15,0.4 below 96 px)")
+    ap.add_argument("--local-size", type=int, default=None,
+                    help="DINO: side of a local crop in pixels (default 96/224 of the image, a "
+                         "multiple of 8)")
+    # ----- the multi-view loss (second paper) -----
+    ap.add_argument("--proj-dim", type=int, default=None,
+                    help="multiview: projector width d (hidden = d, as the authors' code); "
+                         f"default min({MULTIVIEW_PROJ_DIM}, batch per view) — a d × d correlation "
+                         "estimated from fewer rows than d is rank-deficient")
+    ap.add_argument("--lambd", type=float, default=None,
+                    help="multiview: weight λ of the off-diagonal (orthogonality) term; "
+                         f"default {MULTIVIEW_LAMBDA} (the authors' CIFAR-10 value for d ≤ 128)")
     ap.add_argument("--out", default=None, help="run folder; default runs/<method>")
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/last.pt if it exists (else start fresh: safe for "
@@ -164,6 +266,46 @@ def get_args(argv=None):
         ap.error(f"--batch-size {args.batch_size} must be ≥ 2 (contrastive losses need negatives)")
     if not 0.0 <= args.warmup < 1.0:
         ap.error(f"--warmup {args.warmup} must be in [0, 1)")
+    dino = args.method == "dino"
+    if args.local_crops is None:
+        args.local_crops = (DINO_LOCAL_CROPS if args.model in ("cpu", "vit_cpu") else 8) \
+            if dino and args.views == 2 else 0
+    if args.clip_grad is None:
+        args.clip_grad = 3.0 if dino else 0.0
+    if args.weight_decay_end is None:
+        args.weight_decay_end = 0.4 if dino else args.weight_decay
+    if args.min_lr is None:
+        args.min_lr = 1e-6 if dino else 0.0
+    if args.stop_grad_conv1 is None:
+        args.stop_grad_conv1 = args.method == "moco"
+    for flag, value in (("--clip-grad", args.clip_grad), ("--weight-decay-end", args.weight_decay_end),
+                        ("--min-lr", args.min_lr), ("--freeze-last-layer", args.freeze_last_layer)):
+        if not (math.isfinite(value) and value >= 0):
+            ap.error(f"{flag} {value} must be a number ≥ 0")
+    if args.freeze_last_layer >= 1:
+        ap.error(f"--freeze-last-layer {args.freeze_last_layer} must be a fraction of the budget in [0, 1)")
+    for flag, value in (("--teacher-temp", args.teacher_temp),
+                        ("--warmup-teacher-temp", args.warmup_teacher_temp)):
+        if not (math.isfinite(value) and value > 0):
+            ap.error(f"{flag} {value} must be a positive temperature")
+    if not 0.0 <= args.warmup_teacher_temp_frac < 1.0:
+        ap.error(f"--warmup-teacher-temp-frac {args.warmup_teacher_temp_frac} must be in [0, 1)")
+    for flag, value in (("--out-dim", args.out_dim), ("--proj-dim", args.proj_dim)):
+        if value is not None and value < 2:
+            ap.error(f"{flag} {value} must be ≥ 2")
+    if args.colour is None:
+        args.colour = "strong" if args.data == "embedded" else "official"
+    if args.hue is not None and not 0.0 <= args.hue <= 0.5:
+        ap.error(f"--hue {args.hue} must be in [0, 0.5]")
+    for flag, value in (("--jitter-strength", args.jitter_strength), ("--grayscale", args.grayscale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            ap.error(f"{flag} {value} must be a number ≥ 0")
+    if args.grayscale is not None and args.grayscale > 1:
+        ap.error(f"--grayscale {args.grayscale} is a probability: it must be in [0, 1]")
+    if args.local_size is not None and args.local_size < 1:
+        ap.error(f"--local-size {args.local_size} must be ≥ 1 pixel")
+    if args.lambd is not None and not (math.isfinite(args.lambd) and args.lambd >= 0):
+        ap.error(f"--lambd {args.lambd} must be a number ≥ 0")
     if args.local_crops < 0:
         ap.error(f"--local-crops {args.local_crops} must be ≥ 0")
     if args.views < 2:

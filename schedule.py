@@ -18,14 +18,24 @@ steps would end too early or too late.
 
 * **Gradient-error analysis** (§5, Fig. 4) — the paper's central tool. A compressed step
   estimates the gradient of the *uncompressed* objective; how well, per unit of compute?
-  At a checkpoint θ and batch size b:
+  At a checkpoint θ and batch size b (the run's global batch; under torchrun each rank
+  computes its share and the gradients are averaged over ranks):
 
       g*      = mean of K_ref uncompressed mini-batch gradients    (the reference)
+      σ_0²    = Σ_i ‖g_i − g*‖² / (K_ref − 1)                      (its per-batch variance)
+      ‖g‖²    = ‖g*‖² − σ_0²/K_ref                 (the true squared norm, unbiased:
+                                                   E‖g*‖² = ‖g‖² + σ_0²/K_ref)
       ḡ_s     = mean of K mini-batch gradients under strategy s    (fresh views, fresh dropout)
       σ_s²    = Σ_k ‖g_{s,k} − ḡ_s‖² / (K − 1)                     (per-batch variance)
-      bias²   = ‖ḡ_s − g*‖² − σ_s²/K − σ_0²/K_ref                  (finite-sample corrected, ≥ 0)
+      bias²   = ‖ḡ_s − g*‖² − σ_s²/K − σ_0²/K_ref  (finite-sample corrected; kept as
+                                                   bias2_raw, may be < 0; bias2 clips at 0)
       CA-var  = σ_s² · c_s / c_0      (for a fixed budget, s affords c_0/c_s times more samples)
-      CA-MSE  = bias² + CA-var,       all three reported relative to ‖g*‖².
+      CA-MSE  = bias² + CA-var,       all three reported relative to ‖g‖².
+
+  An estimate of ‖g‖² near or below 0 means the reference is mostly noise (raise K_ref or
+  b); below SIGNAL_FLOOR·‖g*‖² it is clipped there and the result says so
+  (``ref_norm2_clipped``): the relative figures are then too small, though their order,
+  hence the argmin, is unchanged.
 
   Early in training, gradients are large and noisy: the variance term dominates and cheap,
   aggressive compression wins. As training converges, the bias of a compressed gradient
@@ -62,6 +72,7 @@ import time
 import torch
 
 from compress import NONE, CostModel, Strategy, ViewCompression
+from distributed import all_reduce_mean, rank_world
 from plots import plot_lr, save_heatmaps  # Figs. 4 and 6 (schedule.save_heatmaps, as before)
 
 LR_SCHEDULES = ("cosine", "poly")
@@ -81,6 +92,13 @@ def learning_rate(progress, base_lr, warmup=0.05, kind="cosine", alpha=2.0, fina
     else:
         factor = (1.0 - s) ** alpha                              # (1 − s)^α
     return final_lr + (base_lr - final_lr) * factor
+
+
+def cosine_between(progress, start, end):
+    """start at progress 0 to end at 1 on a half cosine: end + (start − end)·½(1 + cos πt).
+    DINO's weight decay (0.04 → 0.4) and its cosine_scheduler in general."""
+    t = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 # ===================================================================== stage schedule
@@ -233,15 +251,36 @@ class RunningGradientStats:
         return self.m2 / (self.k - 1)
 
 
-def error_terms(mean_s, var_s, k, ref_mean, ref_var, k_ref, cost_ratio):
-    """bias², cost-adjusted variance and CA-MSE, relative to ‖g*‖² (see the module docstring)."""
+SIGNAL_FLOOR = 0.1          # ‖g‖² is clipped at this fraction of ‖g*‖² (module docstring)
+
+
+def signal_norm2(ref_mean, ref_var, k_ref):
+    """(‖g‖², clipped): the squared norm of the true gradient, without the reference's noise.
+
+    g* is a mean of K_ref gradients of variance σ_0², so E‖g*‖² = ‖g‖² + σ_0²/K_ref and
+    ‖g*‖² − σ_0²/K_ref is unbiased. When the noise swamps the signal the difference can fall
+    to 0 or below; it is then clipped at SIGNAL_FLOOR·‖g*‖² and ``clipped`` is True.
+    """
     ref2 = float(ref_mean @ ref_mean)
+    signal2 = ref2 - ref_var / k_ref
+    if signal2 <= SIGNAL_FLOOR * ref2:
+        return SIGNAL_FLOOR * ref2, True
+    return signal2, False
+
+
+def error_terms(mean_s, var_s, k, ref_mean, ref_var, k_ref, cost_ratio):
+    """bias², cost-adjusted variance and CA-MSE, relative to ‖g‖² (see the module docstring).
+
+    bias2_raw is the unbiased estimate, which noise can make negative; bias2 (and CA-MSE)
+    clip it at 0."""
+    signal2, _ = signal_norm2(ref_mean, ref_var, k_ref)
     diff = mean_s - ref_mean
     # E‖ḡ_s − g*‖² = bias² + σ_s²/K + σ_0²/K_ref for independent estimates: subtract the noise.
-    bias2 = max(float(diff @ diff) - var_s / k - ref_var / k_ref, 0.0)
+    bias2_raw = float(diff @ diff) - var_s / k - ref_var / k_ref
+    bias2 = max(bias2_raw, 0.0)
     ca_var = var_s * cost_ratio
-    return dict(bias2=bias2 / ref2, ca_var=ca_var / ref2, ca_mse=(bias2 + ca_var) / ref2,
-                var=var_s / ref2)
+    return dict(bias2=bias2 / signal2, bias2_raw=bias2_raw / signal2, ca_var=ca_var / signal2,
+                ca_mse=(bias2 + ca_var) / signal2, var=var_s / signal2)
 
 
 def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches=8,
@@ -270,6 +309,13 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
     target; the probe cannot tell the two apart. Read it as the distance from the run's own
     gradient. Its variance term is what more views buy: less noise per sample, at M/M_0 the cost.
 
+    Under torchrun every rank calls this in lockstep with the same ``seed`` and its own
+    share ``batch_size``: the ranks draw the indices of ONE global batch of world·batch_size
+    images from that seed, each takes its slice, and every gradient is averaged over ranks,
+    so the probe measures the gradient (and the variance) of the global batch, as one process
+    on the concatenated batch would. Token dropout draws per rank (seeded seed + rank).
+    ``units_spent`` is this rank's share.
+
     Weights and buffers (BatchNorm statistics, DINO centre) are restored afterwards and the
     global RNG is left untouched. Returns a dict with one row per strategy.
     """
@@ -290,11 +336,13 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
     device = params[0].device
     was_training = method.training
     method.train()
-    g = torch.Generator().manual_seed(seed)
+    rank, world = rank_world()
+    g = torch.Generator().manual_seed(seed)            # the same stream on every rank
 
     def batch(epoch):
         view_set.set_epoch(epoch)
-        idx = torch.randint(len(view_set), (batch_size,), generator=g).tolist()
+        everyone = torch.randint(len(view_set), (world * batch_size,), generator=g)
+        idx = everyone[rank * batch_size:(rank + 1) * batch_size].tolist()   # this rank's share
         fetch = getattr(view_set, "__getitems__", None)               # batched augmentation
         items = [v for v, _ in fetch(idx)] if fetch else [view_set[i][0] for i in idx]
         return [torch.stack(v).to(device) for v in zip(*items)]        # views × (b, 3, s, s)
@@ -306,11 +354,13 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
         method.load_state_dict(buffers, strict=False)                   # undo BN / centre updates
-        return grad
+        # The losses gather across ranks, so the mean of the ranks' gradients is the gradient
+        # of the global batch (what DDP hands the optimiser); one rank's alone is not.
+        return all_reduce_mean(grad) if world > 1 else grad
 
     t0 = time.time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)                                         # dropout subsets
+        torch.manual_seed(seed + rank)                                  # dropout subsets
         ref = RunningGradientStats()
         for i in range(ref_batches):
             ref.add(gradient(batch(1_000_000 + i), run))
@@ -333,9 +383,12 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
                                                  ref.variance, ref_batches, cs / c0)))
     # What the probe itself cost, in units: every gradient is a training step's forward+backward.
     spent = batch_size * (ref_batches * c0 + batches * sum(r["units"] for r in rows))
-    return dict(progress=progress, batch_size=batch_size, batches=batches, ref_batches=ref_batches,
-                views=views, base_patch=getattr(cost.model, "patch_size", None),
-                ref_norm2=float(ref.mean @ ref.mean), ref_var=ref.variance, units_spent=spent,
+    signal2, clipped = signal_norm2(ref.mean, ref.variance, ref_batches)
+    return dict(progress=progress, batch_size=batch_size, world=world, batches=batches,
+                ref_batches=ref_batches, views=views,
+                base_patch=getattr(cost.model, "patch_size", None),
+                ref_norm2=float(ref.mean @ ref.mean), ref_norm2_corrected=signal2,
+                ref_norm2_clipped=clipped, ref_var=ref.variance, units_spent=spent,
                 seconds=time.time() - t0, rows=rows)
 
 
@@ -344,9 +397,14 @@ def best_strategy(result):
 
 
 def print_table(result, out=sys.stdout):
-    print(f"progress {result['progress']:.0%} | batch {result['batch_size']} | K={result['batches']} "
+    world = result.get("world", 1)
+    signal = (f"‖g‖² = {result['ref_norm2_corrected']:.3e}"
+              + (" (clipped: the reference is mostly noise)" if result["ref_norm2_clipped"] else "")
+              if "ref_norm2_corrected" in result else "")
+    print(f"progress {result['progress']:.0%} | batch {result['batch_size']}"
+          f"{f' × {world} processes' if world > 1 else ''} | K={result['batches']} "
           f"K_ref={result['ref_batches']} | reference: {result.get('views') or '?'} views | "
-          f"‖g*‖² = {result['ref_norm2']:.3e} | "
+          f"‖g*‖² = {result['ref_norm2']:.3e}{', ' + signal if signal else ''} | "
           f"{result['seconds']:.0f} s, {result['units_spent']:,.0f} units", file=out)
     w = max([28] + [len(r["strategy"]) for r in result["rows"]])
     print(f"{'strategy':<{w}} {'views':>5} {'units':>6} {'bias²':>9} {'CA-var':>9} {'CA-MSE':>9}",
@@ -385,6 +443,8 @@ def _probe_checkpoint(args):
         raise SystemExit(f"error: {args.ckpt} is not a train.py checkpoint (no 'method'/'vit_config')")
     targs = ckpt["args"]
     backbone = vit.ViT(**ckpt["vit_config"])
+    if targs.get("stop_grad_conv1"):          # a frozen patch projection takes no gradient
+        backbone.freeze_patch_embed()
     method = losses.build_method(targs["method"], backbone, **ckpt["method_kwargs"])
     method.load_state_dict(ckpt["method"])
     try:
@@ -402,15 +462,19 @@ def _probe_checkpoint(args):
         # The run's own global crops (their scale depends on whether the run had local
         # crops), then as many local crops as the largest views of the grid needs.
         recipes = (data.build_views(name, backbone.img_size, local_crops=local,
-                                    dataset=targs["data"])[:2]
+                                    **data.recipe_settings(targs))[:2]
                    + data.build_views(name, backbone.img_size, local_crops=most - 2,
-                                      dataset=targs["data"])[2:])
+                                      **data.recipe_settings(targs))[2:])
     else:
-        recipes = data.build_views(name, backbone.img_size, views=most, dataset=targs["data"])
-    cost = CostModel(backbone, targs.get("cost", "flops"))
+        recipes = data.build_views(name, backbone.img_size, views=most,
+                                   **data.recipe_settings(targs))
+    cost = CostModel(backbone, targs.get("cost", "flops"), heads=method.cost_heads())
     progress = ckpt["state"]["spent"] / targs["budget"]
+    # The run's own (global) batch unless told otherwise: the variance term scales with 1/b,
+    # so a probe at another batch would weigh bias against variance for another run.
+    batch_size = targs["batch_size"] if args.batch_size is None else args.batch_size
     result = probe(method, data.ViewDataset(base, recipes, seed=targs["seed"]), strategies,
-                   name, cost, progress, args.batches, args.ref_batches, args.batch_size,
+                   name, cost, progress, args.batches, args.ref_batches, batch_size,
                    args.seed, local, recipes[-1].size if name == "dino" and most > 2 else None,
                    views=run_views)
     result["ckpt"] = args.ckpt
@@ -434,7 +498,9 @@ def main(argv=None):
                         "the lists; views unset = the run's own)")
     p.add_argument("--batches", type=int, default=8, help="K gradients per strategy")
     p.add_argument("--ref-batches", type=int, default=8, help="K_ref uncompressed gradients for g*")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per gradient; default: the checkpoint's run's (global) batch, "
+                        "since the variance term scales with 1/b")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--png", default=None, help="heatmaps of CA-MSE, bias², CA-var (Fig. 4; needs "
@@ -451,6 +517,9 @@ def main(argv=None):
     if args.cmd == "probe":
         if args.batches < 2 or args.ref_batches < 2:
             ap.error("--batches and --ref-batches must be ≥ 2 (a variance needs two samples)")
+        if args.batch_size is not None and args.batch_size < 2:
+            ap.error(f"--batch-size {args.batch_size} must be ≥ 2 (contrastive losses need "
+                     "negatives)")
         _probe_checkpoint(args)
     elif args.cmd == "build":
         results = []

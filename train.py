@@ -47,7 +47,33 @@ from distributed import setup_distributed
 import losses
 import vit
 from options import get_args, hms
-from schedule import StageSchedule, learning_rate, parse_grid, probe
+from schedule import StageSchedule, cosine_between, learning_rate, parse_grid, probe
+
+# ========================================================================= optimisation
+def weight_decay_groups(method, name):
+    """(decayed, exempt) trainable parameters, as each official code groups them.
+
+    DINO (utils.get_params_groups) exempts biases and every 1-D parameter (norms); the class
+    token and position embedding are decayed. MoCo-v3 passes every parameter to AdamW with
+    its weight decay, norms and biases included; SimCLR and the multi-view method follow it.
+    """
+    decay, exempt = [], []
+    for key, p in method.named_parameters():
+        if p.requires_grad:
+            skip = name == "dino" and (key.endswith(".bias") or p.ndim == 1)
+            (exempt if skip else decay).append(p)
+    return decay, exempt
+
+
+@torch.no_grad()
+def clip_gradients(module, max_norm):
+    """Scale each parameter's gradient to L2 norm ≤ max_norm, parameter by parameter, as DINO's
+    utils.clip_gradients (not torch's clip_grad_norm_, which scales all by the global norm):
+    g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
 
 # ============================================================================== main
 def main(argv=None):
@@ -69,6 +95,8 @@ def main(argv=None):
 
     # ===== model =====
     overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
+    if args.pos_embed != "learned":
+        overrides["pos_embed"] = args.pos_embed
     auto = args.accel == "auto"          # the schedule is chosen during the run (probe_now)
     try:
         backbone = vit.build_vit(args.model, **overrides)
@@ -109,18 +137,20 @@ def main(argv=None):
                                         cache=args.data_cache)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e))
-    method_kwargs = losses.head_sizes(args.method, backbone.dim)
-    if args.method == "moco":
-        method_kwargs["symmetric"] = args.symmetric
-    if args.momentum is not None and args.method in ("moco", "dino"):
-        method_kwargs["momentum"] = args.momentum
+    if args.stop_grad_conv1:              # MoCo-v3: a random, frozen patch projection
+        backbone.freeze_patch_embed()
+    try:
+        method_kwargs = losses.method_kwargs(args, backbone.dim)
+    except ValueError as e:
+        parser.error(str(e))
     method = losses.build_method(args.method, backbone, **method_kwargs).to(device)
-    cost = compress.CostModel(backbone, args.cost)
+    cost = compress.CostModel(backbone, args.cost, heads=method.cost_heads())
 
     # ===== data =====
     dino = args.method == "dino"
     recipes = data.build_views(args.method, backbone.img_size, views=max_views,
-                               local_crops=max_views - 2 if dino else 0, dataset=args.data)
+                               local_crops=max_views - 2 if dino else 0,
+                               **data.recipe_settings(args))
     local_size = recipes[-1].size if dino and max_views > 2 else None
     train_set = data.ViewDataset(train_base, recipes, seed=args.seed)
     per_rank = args.batch_size // world
@@ -144,16 +174,13 @@ def main(argv=None):
                     data.EvalDataset(val_base, backbone.img_size))
 
     # ===== optimizer =====
-    # No weight decay on biases, norms, class token and position embedding (as DeiT / DINO).
-    decay, no_decay = [], []
-    for name, p in method.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    decay, no_decay = weight_decay_groups(method, args.method)
     peak_lr = args.lr * args.batch_size / 256                       # linear scaling rule
     # Fused AdamW: one kernel for all parameters instead of a dozen elementwise passes; on CPU
     # it needs torch ≥ 2.4 and is a third of the foreach step (bench.py --section adamw).
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]         # MoCo-v3 has no exempt group
     try:
         optimizer = torch.optim.AdamW(groups, lr=peak_lr, fused=True)
     except RuntimeError:                # older torch on CPU: the foreach implementation
@@ -205,7 +232,7 @@ def main(argv=None):
         n = len(state["auto"])
         result = probe(method, probe_set, grid, args.method, cost, progress=progress,
                        batches=args.auto_batches, ref_batches=args.auto_batches,
-                       batch_size=per_rank, seed=(args.seed + 1) * 7919 + 104_729 * n + rank,
+                       batch_size=per_rank, seed=(args.seed + 1) * 7919 + 104_729 * n,
                        local_crops=args.local_crops, local_size=local_size, views=args.views)
         best = min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]
         if world > 1:
@@ -310,11 +337,15 @@ def main(argv=None):
         if paths[-1] == last_path:
             last_good.update(path=last_path, step=state["step"])
 
+    # The weights each method reports: DINO's teacher (its paper evaluates the teacher, which
+    # is better than the student throughout training); MoCo-v3's base (online) encoder.
+    evaluated = method.teacher.backbone if dino else backbone
+
     def knn(tag):
         if master:
             t0 = time.time()
             with torch.random.fork_rng(devices=[]):         # evaluation must not move the RNG
-                acc = evaluation.knn_accuracy(backbone, *knn_sets, device)
+                acc = evaluation.knn_accuracy(evaluated, *knn_sets, device)
             print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(knn_sets[1])} val images)",
                   flush=True)
             # train_wall: seconds of training so far, without the evaluations (figures.py
@@ -357,9 +388,12 @@ def main(argv=None):
                 t_prev += time.time() - t_probe        # probing is neither data wait nor step
             state["stage"] = accel.index(progress)
             strategy = accel.stages[state["stage"]][1]
-            lr = learning_rate(progress, peak_lr, args.warmup, args.lr_schedule)
+            lr = learning_rate(progress, peak_lr, args.warmup, args.lr_schedule, final_lr=args.min_lr)
+            wd = cosine_between(progress, args.weight_decay, args.weight_decay_end)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+                if group["weight_decay"]:                   # the decayed group only
+                    group["weight_decay"] = wd
             views = [v.to(device, non_blocking=True) for v in views]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, stats = model(views, strategy, progress)
@@ -379,6 +413,10 @@ def main(argv=None):
             loss.backward()
             if fault and args.fault[0] == "nan-grad":
                 next(p for p in method.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            if args.clip_grad:
+                clip_gradients(method, args.clip_grad)
+            if dino and progress < args.freeze_last_layer:
+                method.cancel_last_layer_gradients()
             optimizer.step()
             method.update_target(progress)          # momentum encoder / teacher EMA
             # ---- budget: every sample of every rank pays its strategy's price ----
@@ -406,7 +444,7 @@ def main(argv=None):
                           f"({data_wait / step_time:.0%} of the step time waiting for batches); "
                           "raise --workers (the share is logged as data_wait)", flush=True)
                 log({**stats, "step": state["step"], "progress": progress, "loss": loss.item(),
-                     "lr": lr, "units": state["spent"], "strategy": str(strategy), "img_per_s": ips,
+                     "lr": lr, "wd": wd, "units": state["spent"], "strategy": str(strategy), "img_per_s": ips,
                      "data_wait": data_wait / step_time, "wall": state["wall"]})
                 t_last_log, units_last = now, state["spent"]
                 data_wait, step_time, n_window = 0.0, 0.0, 0

@@ -133,6 +133,29 @@ def interpolate_pos_embed(pos_embed, base_grid, grid):
     return torch.cat([cls_pos, patch_pos], dim=1)                   # (1, 1+gh·gw, D)
 
 
+def sincos_pos_embed(grid, dim, base_grid=None, temperature=10000.0):
+    """MoCo-v3's fixed 2-D sin-cos position embedding for a (gh, gw) grid: (1, 1+gh·gw, dim).
+
+    A token at row y, column x gets [sin(y·ω), cos(y·ω), sin(x·ω), cos(x·ω)] with the D/4
+    frequencies ω_i = 1/temperature^(i/(D/4)); the class token's position is 0. Coordinates
+    are those of the patch centre on the base grid, y = (r + ½)·g0/gh − ½, so at the base grid
+    they are the integers 0..g0−1 (MoCo-v3's embedding exactly), and a coarser grid (patch
+    scaling) places each token where its larger patch lies. Computed, not interpolated.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    base_h, base_w = (gh, gw) if base_grid is None else (base_grid, base_grid)
+    ys = (torch.arange(gh, dtype=torch.float64) + 0.5) * base_h / gh - 0.5      # (gh,)
+    xs = (torch.arange(gw, dtype=torch.float64) + 0.5) * base_w / gw - 0.5      # (gw,)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")                                # (gh, gw) each
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    out_y = y.reshape(-1, 1) * omega                                            # (gh·gw, D/4)
+    out_x = x.reshape(-1, 1) * omega
+    emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()[None]
+
+
 # ====================================================================== token dropout
 def token_dropout(x, drop):
     """Keep the class token and a random round((1−drop)·N) of the N patch tokens per sample.
@@ -209,13 +232,15 @@ class ViT(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=192, depth=12, heads=3,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, pos_embed="learned"):
         super().__init__()
         if patch_size < 1 or img_size % patch_size != 0:
             raise ValueError(f"img_size {img_size} must be a positive multiple of "
                              f"patch_size {patch_size} (the base grid of the position embedding)")
         if dim % heads != 0:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed {pos_embed!r}; allowed: learned, sincos")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
         self.base_grid = img_size // patch_size
@@ -224,12 +249,34 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid ** 2, dim))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pos_embed_kind = pos_embed
         self._init_weights()
+        if pos_embed == "sincos":        # fixed: kept as a frozen parameter, as MoCo-v3 does,
+            with torch.no_grad():        # so the state-dict layout is the same either way
+                self.pos_embed.copy_(sincos_pos_embed((self.base_grid,) * 2, dim))
+            self.pos_embed.requires_grad_(False)
 
     def config(self):
         """Everything needed to rebuild this model: ``ViT(**model.config())``."""
-        return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-                    dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        cfg = dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                   dim=self.dim, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        if self.pos_embed_kind != "learned":        # older checkpoints have no such key
+            cfg["pos_embed"] = self.pos_embed_kind
+        return cfg
+
+    def freeze_patch_embed(self):
+        """MoCo-v3's stop-grad-conv1: the patch projection stays at a random initialisation,
+        uniform(±√(6/(3·p0² + D))) with zero bias, and is never trained. Its paper traces the
+        loss spikes of ViT self-supervised training to sudden gradient changes in this first
+        layer; a fixed random projection removes them. Patch scaling still works: the kernel
+        for another patch size is the pseudo-inverse resize of the frozen base kernel."""
+        w = self.patch_embed.proj.weight
+        bound = (6.0 / (w.shape[1] * w.shape[2] * w.shape[3] + self.dim)) ** 0.5
+        with torch.no_grad():
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        self.patch_embed.proj.requires_grad_(False)
+        return self
 
     def _init_weights(self):
         # timm / DeiT initialisation: truncated normal (std 0.02) for the embeddings and
@@ -263,7 +310,11 @@ class ViT(nn.Module):
                                    align_corners=False, antialias=False)
         x = self.patch_embed(images, p)                              # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + interpolate_pos_embed(self.pos_embed, self.base_grid, (gh, gw))
+        if self.pos_embed_kind == "sincos" and (gh, gw) != (self.base_grid,) * 2:
+            pos = sincos_pos_embed((gh, gw), self.dim, self.base_grid).to(x.device, x.dtype)
+        else:
+            pos = interpolate_pos_embed(self.pos_embed, self.base_grid, (gh, gw))
+        return x + pos
 
     def forward(self, images, patch_size=None, drop=0.0, all_tokens=False):
         if not 0.0 <= drop < 1.0:

@@ -1,6 +1,6 @@
 """Claims of compress.py: the Strategy CLI form and its round trips, the error messages, and
 the cost model (the paper's unit counts, the FLOP formula against a direct count, monotone
-savings, the measured mode)."""
+savings, the heads on each branch counted by hand, the measured mode)."""
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E401,E402,E702
 
 import json
@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress
+import losses
 import vit
 from compress import CostModel, Strategy, ViewCompression
 
@@ -184,6 +186,104 @@ def test_measured_cost_model_gives_positive_finite_units():
         u = c.view_units(vc)
         assert u > 0 and math.isfinite(u)
     assert not model.training                                 # timing restores the mode
+
+
+# ========================================================================== heads
+def _small(method, **sizes):
+    """A 2-block ViT of width 32 on 32-px images (64 tokens) and ``method`` with tiny heads."""
+    torch.manual_seed(0)
+    backbone = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2)
+    return backbone, losses.build_method(method, backbone, **sizes)
+
+
+def _f(backbone, **setting):
+    return compress.forward_flops(backbone, **setting)
+
+
+def test_a_simclr_sample_pays_the_projector_after_every_view_with_gradient():
+    backbone, simclr = _small("simclr", proj_dim=16, hidden_dim=64)
+    projector = 2 * (32 * 64 + 64 * 16)                     # Linear 32 → 64 → 16, one sample
+    c = CostModel(backbone, heads=simclr.cost_heads())
+    f0, q, k = _f(backbone), _f(backbone, drop=0.5), _f(backbone, patch_size=8)
+    assert c.base == f0                                     # the unit is the backbone alone
+    s = Strategy.parse("q:drop=0.5;k:patch=8")
+    assert c.sample_units("simclr", s) == pytest.approx(
+        (3 * (q + projector) + 3 * (k + projector)) / f0, rel=1e-12)
+    assert c.sample_units("simclr") == pytest.approx(6 + 6 * projector / f0, rel=1e-12)
+
+
+def test_a_moco_sample_pays_projector_and_predictor_online_and_the_projector_per_key():
+    backbone, moco = _small("moco", proj_dim=16, hidden_dim=64)
+    projector = 2 * (32 * 64 + 64 * 64 + 64 * 16)           # Linear 32 → 64 → 64 → 16
+    predictor = 2 * (16 * 64 + 64 * 16)                     # Linear 16 → 64 → 16
+    online, target = projector + predictor, projector       # the momentum branch: no predictor
+    c = CostModel(backbone, heads=moco.cost_heads())
+    assert (c.head_flops["online"], c.head_flops["target"]) == (18_432, 14_336) == (online, target)
+    f0, q, k = _f(backbone), _f(backbone, patch_size=8, drop=0.9), _f(backbone, patch_size=8)
+    s = Strategy.parse("q:drop=0.9,patch=8;k:patch=8")
+    assert c.base == f0
+    assert c.sample_units("moco", s) == pytest.approx(
+        2 * (3 * (q + online) + (k + target)) / f0, rel=1e-12)            # symmetric
+    assert c.sample_units("moco", s, views=3, symmetric=False) == pytest.approx(
+        (3 * (q + online) + 2 * (k + target)) / f0, rel=1e-12)            # view 1 → views 2, 3
+    assert c.sample_units("moco") == pytest.approx(8 + 2 * (3 * online + target) / f0, rel=1e-12)
+    # the heads do not shrink with the sequence: compression saves less than without them
+    bare = CostModel(backbone)
+    assert c.sample_units("moco", s) / c.sample_units("moco") > \
+        bare.sample_units("moco", s) / bare.sample_units("moco")
+
+
+def test_a_dino_sample_pays_the_student_head_on_every_crop_and_the_teacher_head_on_globals():
+    backbone, dino = _small("dino", out_dim=64, hidden_dim=48, bottleneck_dim=16)
+    # MLP 32 → 48 → 48 → 16, then the weight-normalised 16 → 64 prototypes; teacher alike
+    head = 2 * (32 * 48 + 48 * 48 + 48 * 16 + 16 * 64)      # 11 264
+    c = CostModel(backbone, heads=dino.cost_heads())
+    assert c.head_flops == {"online": head, "target": head}
+    f0 = _f(backbone)
+    g_q, g_k, local = _f(backbone, drop=0.5), f0, _f(backbone, img_size=16, drop=0.5)
+    s = Strategy.parse("q:drop=0.5")
+    expected = (2 * (3 * (g_q + head) + (g_k + head))       # 2 global crops: student + teacher
+                + 2 * 3 * (local + head)) / f0               # 2 local crops: student only
+    assert c.sample_units("dino", s, local_crops=2, local_size=16) == pytest.approx(expected,
+                                                                                   rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
+def test_head_flops_equal_a_direct_count_of_the_heads_matrix_products(method):
+    _, m = _small(method, **losses.head_sizes(method, 32))
+    for head in m.cost_heads():
+        if head is None:
+            continue
+        head.eval()                          # BN on running statistics: one sample is enough
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            head(torch.randn(1, 32))
+        assert counter.get_total_flops() == compress.head_flops(head) > 0
+
+
+def test_measured_mode_times_the_head_after_the_backbone_and_keeps_the_backbone_as_the_unit():
+    torch.manual_seed(0)
+    model = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2).eval()
+    # a target head several times the backbone's FLOPs, with BN statistics that must not move
+    heavy = nn.Sequential(nn.Linear(32, 4096), nn.BatchNorm1d(4096), nn.Linear(4096, 4096)).train()
+    stats = {k: v.clone() for k, v in heavy.state_dict().items()}
+    rng = torch.get_rng_state()
+    c = CostModel(model, mode="measured", batch=4, reps=3, heads=(None, heavy))
+    assert c.forward_cost() == c.base                          # the unit: the backbone alone
+    assert c.view_units(None) == 3.0                          # no online head: nothing added
+    assert c.view_units(ViewCompression(0.5), grad=False) > 1.5   # the head is timed with it
+    assert all(torch.equal(stats[k], v) for k, v in heavy.state_dict().items())
+    assert heavy.training and not model.training              # modes restored
+    assert torch.equal(torch.get_rng_state(), rng)            # timing leaves the RNG alone
+
+
+def test_bad_heads_are_rejected_naming_what_is_allowed():
+    model = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2)
+    with pytest.raises(ValueError, match=r"heads=.*\(online, target\)"):
+        CostModel(model, heads=(nn.Linear(32, 8),))
+    with pytest.raises(ValueError, match=r"heads=.*\(online, target\)"):
+        CostModel(model, heads=("projector", None))
+    with pytest.raises(ValueError, match="head 'student'.*online, target"):
+        CostModel(model).forward_cost(head="student")
 
 
 def test_bad_cost_mode_and_method_are_rejected(vit_base_cost):

@@ -130,8 +130,13 @@ def test_load_backbone_round_trips_ours_dino_moco_and_timm_layouts(tmp_path):
         model = None if name == "ours" else "cpu"
         with warnings.catch_warnings():
             warnings.simplefilter("error")         # loads with weights_only=True, no warning
-            loaded, info = ev.load_backbone(str(tmp_path / f"{name}.pt"), model=model)
+            loaded, info = ev.load_backbone(str(tmp_path / f"{name}.pt"), model=model,
+                                            branch="online")
         assert torch.equal(features(loaded, x), features(online, x)), name
+        # by default, what each paper evaluates: DINO's teacher, the others' online weights
+        auto, auto_info = ev.load_backbone(str(tmp_path / f"{name}.pt"), model=model)
+        assert auto_info["branch"] == ("target" if name == "dino" else "online"), name
+        assert torch.equal(features(auto, x), features(target if name == "dino" else online, x))
         if name != "timm":
             loaded, _ = ev.load_backbone(str(tmp_path / f"{name}.pt"), model, branch="target")
             assert torch.equal(features(loaded, x), features(target, x)), name

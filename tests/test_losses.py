@@ -107,11 +107,15 @@ def test_dino_centre_update_is_the_ema_of_the_batch_mean():
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays():
-    assert teacher_temperature(0.0) == pytest.approx(0.04)
-    assert teacher_temperature(0.15) == pytest.approx(0.055)
-    assert teacher_temperature(0.3) == pytest.approx(0.07)
-    assert teacher_temperature(1.0) == pytest.approx(0.07)
-    assert teacher_temperature(0.5, 0.04, 0.04) == pytest.approx(0.04)    # no warm-up
+    """DINO's ViT-S recipe, 0.04 → 0.07 over the first 30 % (of 100 epochs), in progress."""
+    assert teacher_temperature(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
+    assert teacher_temperature(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
+    assert teacher_temperature(0.3, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+    assert teacher_temperature(1.0, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+
+
+def test_teacher_temperature_defaults_to_the_official_constant():
+    assert {teacher_temperature(t) for t in (0.0, 0.3, 1.0)} == {0.04}
 
 
 def test_momentum_rises_from_base_to_one_on_a_cosine():
@@ -167,6 +171,8 @@ def test_mlp_is_moco_v3_shaped():
     assert all(m.bias is None for m in proj if isinstance(m, nn.Linear))
     assert not proj[-1].affine
     assert isinstance(mlp(8, 16, 4, layers=2, last_bn=False)[-1], nn.Linear)
+    assert [type(m).__name__ for m in proj if isinstance(m, nn.Linear)] == \
+        ["Linear", "Linear", "Float32Linear"]                    # the last layer in float32
 
 
 def test_dino_head_prototypes_keep_unit_norm_through_training():
@@ -248,7 +254,7 @@ def test_dino_forward_uses_the_old_centre_then_updates_it():
     expected = dino_loss(student, teacher, old, 0.1, teacher_temperature(0.5))
     loss, logs = method(views, progress=0.5)
     torch.testing.assert_close(loss, expected)
-    assert logs["teacher_temp"] == pytest.approx(0.07)
+    assert logs["teacher_temp"] == pytest.approx(0.04)
     batch_mean = torch.cat(teacher).mean(0, keepdim=True)
     torch.testing.assert_close(method.center, 0.9 * old + 0.1 * batch_mean)
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import compress
 import vit
 from compress import CostModel, Strategy
-from losses import (DINO, MultiView, SimCLR, build_method, head_sizes, multiview_loss, nt_xent,
-                    nt_xent_multi, standardize, use_views)
+from losses import (DINO, SimCLR, build_method, head_sizes, method_kwargs, multiview_loss,
+                    nt_xent, nt_xent_multi, standardize, use_views)
 
 
 from test_losses import TinyBackbone, images, vc  # noqa: E402  (the same stand-ins as there)
@@ -60,75 +60,86 @@ def test_simclr_with_three_views_uses_the_multi_positive_loss():
 
 
 # ========================================================== the multi-view loss
-def reference_multiview(zs, beta, eps=1e-5):
-    """The loss written out in numpy, one sample and one pair of dimensions at a time."""
-    Z = [z.detach().double().numpy() for z in zs]
-    M, (N, d) = len(Z), Z[0].shape
-    zt = [(z - z.mean(0)) / np.sqrt(z.var(0) + eps) for z in Z]          # np.var: biased
-    z_bar = sum(zt) / M
-    invariance = 0.0
-    for m in range(M):
-        for n in range(N):
-            invariance += ((zt[m][n] - z_bar[n]) ** 2).sum() / d
-    invariance /= M * N
-    zh = (z_bar - z_bar.mean(0)) / np.sqrt(z_bar.var(0) + eps)
-    C = zh.T @ zh / N                                                    # correlation matrix
-    orthogonality = beta * sum(C[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
-    return invariance + orthogonality, invariance, orthogonality
+def _joint_standardised(zs):
+    """Rows L2-normalised, then the M·N rows standardised together, unbiased σ (numpy)."""
+    Z = np.concatenate([z.detach().double().numpy() for z in zs])
+    Z = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    Z = (Z - Z.mean(0)) / np.sqrt(Z.var(0, ddof=1) + 1e-5)
+    return np.split(Z, len(zs))
 
 
-def test_multiview_loss_equals_the_written_out_definition():
+def barlow_twins_reference(z1, z2, lambd):
+    """Barlow Twins (Zbontar et al.), one correlation entry at a time."""
+    a, b = _joint_standardised([z1, z2])
+    N, d = a.shape
+    C = [[sum(a[n, i] * b[n, j] for n in range(N)) / N for j in range(d)] for i in range(d)]
+    on = sum((C[i][i] - 1) ** 2 for i in range(d))
+    off = sum(C[i][j] ** 2 for i in range(d) for j in range(d) if i != j)
+    return on + lambd * off
+
+
+def test_two_view_loss_is_barlow_twins():
     torch.manual_seed(0)
-    zs = [torch.randn(9, 5, dtype=torch.float64) * 3 + 1 for _ in range(4)]
-    ours = [t.item() for t in multiview_loss(zs, beta=0.05)]
-    assert ours == pytest.approx(reference_multiview(zs, 0.05), rel=1e-10)
+    z1, z2 = torch.randn(9, 5, dtype=torch.float64) * 3 + 1, torch.randn(9, 5, dtype=torch.float64)
+    loss, on, off = multiview_loss([z1, z2], lambd=0.05)
+    assert loss.item() == pytest.approx(barlow_twins_reference(z1, z2, 0.05), rel=1e-10)
+    assert loss.item() == pytest.approx((on + off).item(), rel=1e-12)
+
+
+def test_m_view_loss_pulls_each_view_to_the_mean_and_decorrelates_the_mean():
+    """M > 2: (1/M) Σ_m Σ_i (C⁽ᵐᶻ̄⁾_ii − 1)² + λ Σ_{i≠j} (C⁽ᶻ̄ᶻ̄⁾_ij)², written out."""
+    torch.manual_seed(1)
+    zs = [torch.randn(7, 4, dtype=torch.float64) + m for m in range(4)]
+    views = _joint_standardised(zs)
+    N, d = views[0].shape
+    z_bar = sum(views) / 4
+    on = sum((sum(v[n, i] * z_bar[n, i] for n in range(N)) / N - 1) ** 2
+             for v in views for i in range(d)) / 4
+    C = z_bar.T @ z_bar / N
+    off = sum(C[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
+    assert multiview_loss(zs, lambd=0.3)[0].item() == pytest.approx(on + 0.3 * off, rel=1e-10)
 
 
 def test_standardize_gives_zero_mean_unit_variance_per_dimension():
     z = torch.randn(32, 4, dtype=torch.float64) * 5 + 2
-    zt = standardize(z)
-    torch.testing.assert_close(zt.mean(0), torch.zeros(4, dtype=torch.float64))
-    torch.testing.assert_close(zt.var(0, unbiased=False), torch.ones(4, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-5)
+    for unbiased in (False, True):
+        zt = standardize(z, unbiased=unbiased)
+        torch.testing.assert_close(zt.mean(0), torch.zeros(4, dtype=torch.float64))
+        torch.testing.assert_close(zt.var(0, unbiased=unbiased), torch.ones(4, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-5)
 
 
-def test_at_two_views_the_invariance_is_a_quarter_of_the_squared_distance():
-    """z̄ = (z̃1 + z̃2)/2, so ‖z̃_m − z̄‖² = ‖z̃1 − z̃2‖²/4 for both views."""
-    torch.manual_seed(0)
-    z1, z2 = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
-    _, invariance, _ = multiview_loss([z1, z2])
-    closed = ((standardize(z1) - standardize(z2)) ** 2).sum(1).mean() / 4 / 6
-    torch.testing.assert_close(invariance, closed)
-
-
-def test_identical_views_have_no_invariance_term():
-    torch.manual_seed(0)
-    method = MultiView(TinyBackbone(), proj_dim=8, hidden_dim=16)
-    x = images()
-    loss, logs = method([x, x, x])
-    assert logs["invariance"] == pytest.approx(0.0, abs=1e-10)
-    assert logs["orthogonality"] > 0 and logs["loss"] == pytest.approx(logs["orthogonality"])
+def test_the_loss_does_not_change_with_the_scale_of_a_projection():
+    """Rows are L2-normalised first, as the authors' projector output is."""
+    torch.manual_seed(2)
+    zs = [torch.randn(8, 6, dtype=torch.float64) for _ in range(3)]
+    scaled = [z * torch.rand(8, 1, dtype=torch.float64).add(0.5) for z in zs]
+    torch.testing.assert_close(multiview_loss(zs)[0], multiview_loss(scaled)[0])
 
 
 def test_multiview_gradients_reach_the_backbone_and_views_alternate_roles():
     torch.manual_seed(0)
-    method = build_method("multiview", TinyBackbone(), proj_dim=8, hidden_dim=16)
+    method = build_method("multiview", TinyBackbone(), proj_dim=8)
     strategy = types.SimpleNamespace(q=vc(drop=0.25), k=vc(patch_size=2))
     loss, logs = method([images(), images(), images()], strategy)
     assert method.backbone.calls == [(None, 0.25, 8), (2, 0.0, 8), (None, 0.25, 8)]
-    assert set(logs) == {"loss", "invariance", "orthogonality"}
-    assert logs["loss"] == pytest.approx(logs["invariance"] + logs["orthogonality"])
+    assert set(logs) == {"loss", "on_diag", "off_diag"}
+    assert logs["loss"] == pytest.approx(logs["on_diag"] + logs["off_diag"])
     loss.backward()
     assert method.backbone.proj.weight.grad.abs().sum() > 0
     method.update_target(0.5)                                            # no-op
 
 
-def test_multiview_heads_are_small():
-    assert head_sizes("multiview", 32) == dict(proj_dim=128, hidden_dim=512)
-    assert head_sizes("multiview", 384) == dict(proj_dim=256, hidden_dim=2048)
+def test_the_multiview_projector_is_small_and_no_wider_than_the_batch():
+    assert head_sizes("multiview", 32) == dict(proj_dim=128)
+    args = types.SimpleNamespace(method="multiview", momentum=None, batch_size=64, proj_dim=None,
+                                 lambd=None)
+    assert method_kwargs(args, 64) == dict(proj_dim=64)               # min(128, batch)
     method = build_method("multiview", vit.ViT(img_size=16, patch_size=4, dim=32, depth=1,
-                                               heads=2), **head_sizes("multiview", 32))
-    assert method.projector[-1].out_features == 128
+                                               heads=2), **method_kwargs(args, 32))
+    assert [m.out_features for m in method.projector if hasattr(m, "out_features")] == [64, 64]
+    with pytest.raises(ValueError, match="--proj-dim 128 is wider than the batch"):
+        method_kwargs(types.SimpleNamespace(**{**vars(args), "proj_dim": 128}), 32)
 
 
 # ============================================================ strategy.views in the methods

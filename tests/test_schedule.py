@@ -114,6 +114,61 @@ def test_the_estimator_recovers_bias_and_variance_on_a_problem_with_known_answer
     assert ca_var == pytest.approx(0.5 * sigma ** 2 * d / ref2, rel=0.05)  # cost adjustment
 
 
+def test_bias_is_relative_to_the_reference_norm_without_its_own_noise_and_may_go_negative():
+    """‖g*‖² = 4 with σ_0²/K_ref = 8/4 = 2: the true ‖g‖² is estimated as 2, not 4.
+    ‖ḡ_s − g*‖² = 1 is less than the noise σ_s²/K + σ_0²/K_ref = 2/2 + 2 = 3, so the unbiased
+    bias² is −2 (−1 relative): kept as bias2_raw, clipped at 0 in bias2 and CA-MSE."""
+    ref = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    est = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert schedule.signal_norm2(ref, 8.0, 4) == (2.0, False)
+    t = error_terms(est, 2.0, 2, ref, 8.0, 4, cost_ratio=0.5)
+    assert t["bias2_raw"] == pytest.approx(-1.0) and t["bias2"] == 0.0
+    assert t["var"] == pytest.approx(2.0 / 2) and t["ca_var"] == pytest.approx(0.5 * 2.0 / 2)
+    assert t["ca_mse"] == pytest.approx(t["ca_var"])
+
+
+def test_a_reference_that_is_all_noise_is_clipped_and_flagged():
+    ref = torch.tensor([2.0, 0.0], dtype=torch.float64)              # ‖g*‖² = 4
+    assert schedule.signal_norm2(ref, 16.0, 4) == (pytest.approx(schedule.SIGNAL_FLOOR * 4), True)
+    assert schedule.signal_norm2(ref, 40.0, 4)[1]                    # 4 − 10 < 0
+    t = error_terms(ref, 1.0, 2, ref, 40.0, 4, 1.0)
+    assert t["var"] == pytest.approx(1.0 / (schedule.SIGNAL_FLOOR * 4))   # finite, positive
+
+
+def _tiny_checkpoint(path, batch_size):
+    """What schedule.py reads of a train.py checkpoint, for a SimCLR run at ``batch_size``."""
+    torch.manual_seed(0)
+    backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
+    kwargs = dict(proj_dim=16, hidden_dim=32)
+    method = losses.build_method("simclr", backbone, **kwargs)
+    torch.save(dict(args=dict(method="simclr", data="embedded", data_root=None, seed=0,
+                              data_size=32, budget=1000, batch_size=batch_size, cost="flops",
+                              views=2, local_crops=0),
+                    vit_config=backbone.config(), method_kwargs=kwargs,
+                    method=method.state_dict(), state=dict(spent=250.0)), path)
+    return method
+
+
+def test_the_probe_measures_at_the_runs_own_batch_unless_told_otherwise(tmp_path):
+    ckpt, out = str(tmp_path / "ckpt_25.pt"), tmp_path / "probe.json"
+    method = _tiny_checkpoint(ckpt, batch_size=12)
+    argv = ["probe", "--ckpt", ckpt, "--grid", "drop=0,0.5", "--batches", "2",
+            "--ref-batches", "2", "--out", str(out)]
+    schedule.main(argv)
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 12 and result["progress"] == 0.25
+    c = compress.CostModel(method.backbone, heads=method.cost_heads())
+    units = [c.sample_units("simclr", compress.Strategy.parse(t)) for t in ("none", "q:drop=0.5")]
+    assert result["units_spent"] == pytest.approx(12 * (2 * units[0] + 2 * sum(units)))  # heads too
+    # ‖g‖² without the reference's noise, and the clipped and unclipped bias² side by side
+    ref2 = result["ref_norm2"]
+    assert result["ref_norm2_corrected"] == pytest.approx(
+        max(ref2 - result["ref_var"] / 2, schedule.SIGNAL_FLOOR * ref2))
+    assert all(r["bias2"] == max(r["bias2_raw"], 0.0) for r in result["rows"])
+    schedule.main(argv + ["--batch-size", "4"])
+    assert json.loads(out.read_text())["batch_size"] == 4
+
+
 def test_build_picks_argmin_ca_mse_per_stage_and_merges_repeats():
     def result(t, best):
         return {"progress": t, "rows": [{"strategy": "none", "ca_mse": 1.0},

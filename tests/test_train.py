@@ -33,6 +33,15 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def run_cost(out):
+    """The cost model the run in ``out`` was priced by: its backbone and its method's heads."""
+    import losses
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    backbone = vit.ViT(**ckpt["vit_config"])
+    method = losses.build_method(ckpt["args"]["method"], backbone, **ckpt["method_kwargs"])
+    return compress.CostModel(backbone, heads=method.cost_heads())
+
+
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
 def test_each_method_trains_end_to_end(tmp_path, method):
     out = str(tmp_path / method)
@@ -58,7 +67,7 @@ def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path):
     out = str(tmp_path / "run")
     run(["--method", "moco", "--budget", "1.5k", "--out", out, "--accel", str(sched), *TINY])
     records = [r for r in read_log(out) if "loss" in r]
-    cost = compress.CostModel(vit.build_vit("cpu"))
+    cost = run_cost(out)
     spent, used = 0.0, set()
     for r in records:                        # --log-every 0 logs every step
         assert r["strategy"] == str(StageSchedule.load(sched).at(spent / 1500))
@@ -117,7 +126,7 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
     out = str(tmp_path / "auto")
     run(["--method", "simclr", "--budget", "3k", "--out", out, "--accel", "auto", "--auto-at",
          "0,0.5", "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8", *TINY])
-    cost = compress.CostModel(vit.build_vit("cpu"))
+    cost = run_cost(out)
     grid = ["none", "q:drop=0.75", "q:patch=8;k:patch=8", "q:drop=0.75,patch=8;k:patch=8"]
     probe_units = 16 * 2 * (cost.sample_units("simclr") + sum(
         cost.sample_units("simclr", compress.Strategy.parse(s)) for s in grid))
@@ -151,7 +160,7 @@ def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_pa
     out = str(tmp_path / "run")
     run(["--method", "simclr", "--views", "2", "--budget", "2k", "--out", out, "--accel",
          str(sched), *TINY])
-    cost = compress.CostModel(vit.build_vit("cpu"))
+    cost = run_cost(out)
     spent, used = 0.0, set()
     for r in read_log(out):
         if "loss" in r:
@@ -160,6 +169,7 @@ def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_pa
             assert r["units"] == pytest.approx(spent)
     assert used == {"views=2", "q:drop=0.5;k:drop=0.5;views=4"}
     # 4 views at drop 0.5 cost about what 2 full views cost (every view carries gradient)
+    cost = compress.CostModel(vit.build_vit("cpu"))           # the backbone alone
     assert cost.sample_units("simclr", compress.Strategy.parse("views=4")) == pytest.approx(12)
     assert cost.sample_units("simclr", compress.Strategy.parse("views=2")) == pytest.approx(6)
 
