@@ -32,8 +32,7 @@ CPU_PRESET_LR = 5e-3
 # slow key encoder barely moves: 0.9 on the CPU preset (k-NN after 200k units 24.4 % vs 20.1 %,
 # README "Results"). DINO's teacher is kept at 0.996: 0.9 did not help it at that budget.
 CPU_PRESET_MOCO_MOMENTUM = 0.9
-# DINO on the cpu preset (measured on CIFAR-10, README "Recipes"): K prototypes and local crops.
-DINO_SMALL_OUT_DIM = 4096
+# DINO's local crops on the cpu preset (measured on CIFAR-10, README "Recipes").
 DINO_LOCAL_CROPS = 2
 # The multi-view loss: the authors' CIFAR-10 sweeps pair a small projector (d ≤ 128) with a
 # strong orthogonality weight λ = 0.04 (λ·d ≈ 2.5–5; 0.0078 = 1/128 is their starting point).
@@ -167,9 +166,9 @@ def get_args(argv=None):
                          "not per 256); default 1e-6 for DINO (official), 0 otherwise")
     # ----- DINO -----
     ap.add_argument("--out-dim", type=int, default=None,
-                    help="DINO: prototypes K of the head; official 65536, default "
-                         f"{DINO_SMALL_OUT_DIM} for narrow backbones (dim < 256), where small "
-                         "batches and few steps cannot spread mass over 65k prototypes")
+                    help="DINO: prototypes K of the head; official 65536, default 4096 for "
+                         "narrow backbones (dim < 256; losses.head_sizes), where small batches "
+                         "and few steps cannot spread mass over 65k prototypes")
     ap.add_argument("--teacher-temp", type=float, default=0.04,
                     help="DINO: teacher temperature τ_t after warm-up (official default 0.04; "
                          "its ViT-S recipe 0.07; above 0.07 is unstable; lower sharpens against "
