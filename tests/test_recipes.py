@@ -55,6 +55,10 @@ def test_dino_defaults_are_the_official_recipe_and_others_keep_theirs():
     moco, _ = get_args(["--method", "moco", "--model", "small"])
     assert (moco.clip_grad, moco.weight_decay_end, moco.min_lr) == (0.0, 0.1, 0.0)
     assert moco.stop_grad_conv1 and moco.local_crops == 0
+    assert dino.momentum is None and moco.momentum is None                # the methods' own
+    cpu = {m: get_args(["--method", m])[0] for m in ("dino", "moco", "simclr")}
+    assert (cpu["dino"].momentum, cpu["moco"].momentum, cpu["simclr"].momentum) == (0.99, 0.9, None)
+    assert cpu["dino"].local_crops == 2 and (cpu["dino"].lr, cpu["moco"].lr) == (1.5e-3, 5e-3)
 
 
 def test_weight_decay_groups_follow_each_official_code():
