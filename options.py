@@ -279,7 +279,8 @@ def get_args(argv=None):
         args.min_lr = 1e-6 if dino else 0.0
     if args.stop_grad_conv1 is None:
         args.stop_grad_conv1 = args.method == "moco"
-    for flag, value in (("--clip-grad", args.clip_grad), ("--weight-decay-end", args.weight_decay_end),
+    for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
+                        ("--weight-decay-end", args.weight_decay_end),
                         ("--min-lr", args.min_lr), ("--freeze-last-layer", args.freeze_last_layer)):
         if not (math.isfinite(value) and value >= 0):
             ap.error(f"{flag} {value} must be a number ≥ 0")

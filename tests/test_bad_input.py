@@ -257,7 +257,7 @@ def test_resuming_from_a_checkpoint_of_another_model_lists_what_differs(
 
 # ================================================================ non-finite values
 @pytest.mark.parametrize("fault, named", [
-    ("nan-loss@3", "non-finite loss at step 3 (progress 25.6%; rank 0: nan)"),
+    ("nan-loss@3", "non-finite loss at step 3 (progress 28.9%; rank 0: nan)"),
     ("nan-grad@3", "non-finite weights after step 3 (backbone.cls_token"),
 ])
 def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_checkpoint(

@@ -148,7 +148,7 @@ def test_a_checkpoint_of_another_config_is_refused_with_the_mismatches_listed(tm
     torch.save({"student": {f"module.backbone.{k}": v for k, v in small.state_dict().items()},
                 "teacher": {}}, tmp_path / "dino.pt")
     with pytest.raises(ValueError) as err:
-        ev.load_backbone(str(tmp_path / "dino.pt"), model="cpu")
+        ev.load_backbone(str(tmp_path / "dino.pt"), model="cpu", branch="online")
     msg = str(err.value)
     assert "missing" in msg and "blocks.1.attn.qkv.weight" in msg       # cpu has depth 4
     assert "blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (192, 64)" in msg
