@@ -186,7 +186,9 @@ def get_args(argv=None):
     ap.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=None,
                     help="freeze the patch projection at its random initialisation (MoCo-v3's "
                          "fix for training instability on ViTs); default: on for MoCo-v3, off "
-                         "otherwise. Patch scaling resizes the frozen base kernel")
+                         "otherwise and on the cpu preset (k-NN on CIFAR-10 after 1M units: "
+                         "42.4 %% frozen vs 45.9 %% trained; README \"Recipes\"). Patch scaling "
+                         "resizes the frozen base kernel")
     ap.add_argument("--pos-embed", default="learned", choices=["learned", "sincos"],
                     help="learned position embedding, or MoCo-v3's fixed 2-D sin-cos one "
                          "(computed directly for any grid, so patch scaling interpolates nothing)")
@@ -277,8 +279,8 @@ def get_args(argv=None):
         args.weight_decay_end = 0.4 if dino else args.weight_decay
     if args.min_lr is None:
         args.min_lr = 1e-6 if dino else 0.0
-    if args.stop_grad_conv1 is None:
-        args.stop_grad_conv1 = args.method == "moco"
+    if args.stop_grad_conv1 is None:      # MoCo-v3's fix for ViT-S/B; it costs the cpu preset
+        args.stop_grad_conv1 = args.method == "moco" and args.model not in ("cpu", "vit_cpu")
     for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
                         ("--weight-decay-end", args.weight_decay_end),
                         ("--min-lr", args.min_lr), ("--freeze-last-layer", args.freeze_last_layer)):

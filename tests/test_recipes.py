@@ -56,6 +56,7 @@ def test_dino_defaults_are_the_official_recipe_and_others_keep_theirs():
     assert (moco.clip_grad, moco.weight_decay_end, moco.min_lr) == (0.0, 0.1, 0.0)
     assert moco.stop_grad_conv1 and moco.local_crops == 0
     assert dino.momentum is None and moco.momentum is None                # the methods' own
+    assert not get_args(["--method", "moco"])[0].stop_grad_conv1          # cpu preset: off
     cpu = {m: get_args(["--method", m])[0] for m in ("dino", "moco", "simclr")}
     assert (cpu["dino"].momentum, cpu["moco"].momentum, cpu["simclr"].momentum) == (0.99, 0.9, None)
     assert cpu["dino"].local_crops == 2 and (cpu["dino"].lr, cpu["moco"].lr) == (1.5e-3, 5e-3)
@@ -129,9 +130,10 @@ def test_stop_grad_conv1_freezes_the_patch_projection_and_resizes_it_for_patch_s
                                (vit.resize_kernel_matrix(4, 8) @ w.reshape(32 * 3, 16).T).T.reshape(32, 3, 8, 8))
 
 
-def test_moco_trains_with_a_frozen_patch_projection_by_default(tmp_path):
+def test_moco_trains_with_a_frozen_patch_projection(tmp_path):
     out = str(tmp_path / "moco")
-    train.main(["--method", "moco", "--budget", "600", "--out", out, "--ckpt-at", "0,1", *TINY])
+    train.main(["--method", "moco", "--budget", "600", "--out", out, "--ckpt-at", "0,1",
+                "--stop-grad-conv1", *TINY])
     first, last = (torch.load(os.path.join(out, f"ckpt_{p}.pt"), weights_only=False) for p in (0, 100))
     assert first["args"]["stop_grad_conv1"]
     torch.testing.assert_close(first["backbone"]["patch_embed.proj.weight"],
