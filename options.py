@@ -92,11 +92,8 @@ def probability_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: every probability must be in [0, 1]")
     return values
 
-
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Pre-training with a budget: SimCLR, MoCo-v3 or DINO "
-                                 "on a ViT, accelerated or not (train.py).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_run_flags(ap):
+    """What is trained on what: method, data, model, budget, schedule, acceleration."""
     ap.add_argument("--method", default="simclr", choices=["simclr", "moco", "dino", "multiview"])
     ap.add_argument("--data", default="embedded",
                     help="embedded (procedural, offline), cifar10, cifar100, stl10, or folder "
@@ -153,6 +150,10 @@ def get_args(argv=None):
     ap.add_argument("--local-crops", type=int, default=None,
                     help="DINO: number of small local crops (official: 8 at 96 px on 224 px "
                          f"images); default {DINO_LOCAL_CROPS} on the cpu preset, 8 otherwise")
+
+
+def _add_recipe_flags(ap):
+    """Each method's recipe (README, Recipes): optimisation, DINO, MoCo-v3, augmentations, multi-view."""
     # ----- optimisation: the official DINO recipe, available to every method -----
     ap.add_argument("--clip-grad", type=float, default=None,
                     help="clip each parameter's gradient to this L2 norm, as DINO's "
@@ -227,6 +228,10 @@ def get_args(argv=None):
                     help="multiview: weight λ of the off-diagonal (orthogonality) term; "
                          "default 0.04 (losses.MultiView: the authors' CIFAR-10 sweeps pair "
                          "d ≤ 128 with λ = 0.04, λ·d ≈ 2.5–5)")
+
+
+def _add_output_flags(ap):
+    """Where a run writes, how often, on what device; test-only fault injection."""
     ap.add_argument("--out", default=None, help="run folder; default runs/<method>")
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/last.pt if it exists (else start fresh: safe for "
@@ -257,22 +262,33 @@ def get_args(argv=None):
     # preempted or failed worker would die); "nan-loss@N" makes the loss of step N NaN on the
     # last rank; "nan-grad@N" makes a gradient of step N NaN (weights turn NaN, loss still finite).
     ap.add_argument("--test-fault", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.lr is None and args.model in ("cpu", "vit_cpu"):
-        args.lr = CPU_PRESET_DINO_LR if args.method == "dino" else CPU_PRESET_LR
-    if args.momentum is None and args.model in ("cpu", "vit_cpu"):
+
+
+def build_parser():
+    """train.py's parser; defaults that depend on the method or preset stay None here."""
+    ap = argparse.ArgumentParser(description="Pre-training with a budget: SimCLR, MoCo-v3 or DINO "
+                                 "on a ViT, accelerated or not (train.py).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_run_flags(ap)
+    _add_recipe_flags(ap)
+    _add_output_flags(ap)
+    return ap
+
+
+def _fill_defaults(args):
+    """The defaults that depend on the method, the preset or another flag (None until here)."""
+    cpu, dino = args.model in ("cpu", "vit_cpu"), args.method == "dino"
+    if args.lr is None and cpu:
+        args.lr = CPU_PRESET_DINO_LR if dino else CPU_PRESET_LR
+    if args.momentum is None and cpu:
         args.momentum = CPU_PRESET_MOMENTUM.get(args.method)
     for name in ("lr", "weight_decay"):
         if getattr(args, name) is None:
             setattr(args, name, METHOD_DEFAULTS[args.method][name])
-    if args.batch_size < 2:
-        ap.error(f"--batch-size {args.batch_size} must be ≥ 2 (contrastive losses need negatives)")
-    if not 0.0 <= args.warmup < 1.0:
-        ap.error(f"--warmup {args.warmup} must be in [0, 1)")
-    dino = args.method == "dino"
     if args.local_crops is None:
-        args.local_crops = (DINO_LOCAL_CROPS if args.model in ("cpu", "vit_cpu") else 8) \
-            if dino and args.views == 2 else 0
+        args.local_crops = (DINO_LOCAL_CROPS if cpu else 8) if dino and args.views == 2 else 0
+    if args.colour is None:
+        args.colour = "strong" if args.data == "embedded" else "official"
     if args.clip_grad is None:
         args.clip_grad = 3.0 if dino else 0.0
     if args.weight_decay_end is None:
@@ -280,36 +296,16 @@ def get_args(argv=None):
     if args.min_lr is None:
         args.min_lr = 1e-6 if dino else 0.0
     if args.stop_grad_conv1 is None:      # MoCo-v3's fix for ViT-S/B; it costs the cpu preset
-        args.stop_grad_conv1 = args.method == "moco" and args.model not in ("cpu", "vit_cpu")
-    for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
-                        ("--weight-decay-end", args.weight_decay_end),
-                        ("--min-lr", args.min_lr), ("--freeze-last-layer", args.freeze_last_layer)):
-        if not (math.isfinite(value) and value >= 0):
-            ap.error(f"{flag} {value} must be a number ≥ 0")
-    if args.freeze_last_layer >= 1:
-        ap.error(f"--freeze-last-layer {args.freeze_last_layer} must be a fraction of the budget in [0, 1)")
-    for flag, value in (("--teacher-temp", args.teacher_temp),
-                        ("--warmup-teacher-temp", args.warmup_teacher_temp)):
-        if not (math.isfinite(value) and value > 0):
-            ap.error(f"{flag} {value} must be a positive temperature")
-    if not 0.0 <= args.warmup_teacher_temp_frac < 1.0:
-        ap.error(f"--warmup-teacher-temp-frac {args.warmup_teacher_temp_frac} must be in [0, 1)")
-    for flag, value in (("--out-dim", args.out_dim), ("--proj-dim", args.proj_dim)):
-        if value is not None and value < 2:
-            ap.error(f"{flag} {value} must be ≥ 2")
-    if args.colour is None:
-        args.colour = "strong" if args.data == "embedded" else "official"
-    if args.hue is not None and not 0.0 <= args.hue <= 0.5:
-        ap.error(f"--hue {args.hue} must be in [0, 0.5]")
-    for flag, value in (("--jitter-strength", args.jitter_strength), ("--grayscale", args.grayscale)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            ap.error(f"{flag} {value} must be a number ≥ 0")
-    if args.grayscale is not None and args.grayscale > 1:
-        ap.error(f"--grayscale {args.grayscale} is a probability: it must be in [0, 1]")
-    if args.local_size is not None and args.local_size < 1:
-        ap.error(f"--local-size {args.local_size} must be ≥ 1 pixel")
-    if args.lambd is not None and not (math.isfinite(args.lambd) and args.lambd >= 0):
-        ap.error(f"--lambd {args.lambd} must be a number ≥ 0")
+        args.stop_grad_conv1 = args.method == "moco" and not cpu
+    args.out = args.out or os.path.join("runs", args.method)
+
+
+def _check_run(args, ap):
+    """Refuse bad run settings, naming the value and what is allowed (exit status 2)."""
+    if args.batch_size < 2:
+        ap.error(f"--batch-size {args.batch_size} must be ≥ 2 (contrastive losses need negatives)")
+    if not 0.0 <= args.warmup < 1.0:
+        ap.error(f"--warmup {args.warmup} must be in [0, 1)")
     if args.local_crops < 0:
         ap.error(f"--local-crops {args.local_crops} must be ≥ 0")
     if args.views < 2:
@@ -330,8 +326,6 @@ def get_args(argv=None):
                  f"{args.save_every} in (0, 1]")
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr {args.lr} must be a positive number")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        ap.error(f"--weight-decay {args.weight_decay} must be a number ≥ 0")
     for flag, value, low in (("--img-size", args.img_size, 1), ("--patch-size", args.patch_size, 1),
                              ("--data-size", args.data_size, 1), ("--workers", args.workers, 0),
                              ("--save-every-steps", args.save_every_steps, 0),
@@ -349,5 +343,44 @@ def get_args(argv=None):
             ap.error(f"--test-fault {args.test_fault!r}: expected crash@N, nan-loss@N or "
                      "nan-grad@N")
         args.fault = (kind, int(step))
-    args.out = args.out or os.path.join("runs", args.method)
+
+
+def _check_recipe(args, ap):
+    """Refuse bad recipe settings, naming the value and what is allowed (exit status 2)."""
+    for flag, value in (("--weight-decay", args.weight_decay), ("--clip-grad", args.clip_grad),
+                        ("--weight-decay-end", args.weight_decay_end),
+                        ("--min-lr", args.min_lr), ("--freeze-last-layer", args.freeze_last_layer)):
+        if not (math.isfinite(value) and value >= 0):
+            ap.error(f"{flag} {value} must be a number ≥ 0")
+    if args.freeze_last_layer >= 1:
+        ap.error(f"--freeze-last-layer {args.freeze_last_layer} must be a fraction of the budget in [0, 1)")
+    for flag, value in (("--teacher-temp", args.teacher_temp),
+                        ("--warmup-teacher-temp", args.warmup_teacher_temp)):
+        if not (math.isfinite(value) and value > 0):
+            ap.error(f"{flag} {value} must be a positive temperature")
+    if not 0.0 <= args.warmup_teacher_temp_frac < 1.0:
+        ap.error(f"--warmup-teacher-temp-frac {args.warmup_teacher_temp_frac} must be in [0, 1)")
+    for flag, value in (("--out-dim", args.out_dim), ("--proj-dim", args.proj_dim)):
+        if value is not None and value < 2:
+            ap.error(f"{flag} {value} must be ≥ 2")
+    if args.hue is not None and not 0.0 <= args.hue <= 0.5:
+        ap.error(f"--hue {args.hue} must be in [0, 0.5]")
+    for flag, value in (("--jitter-strength", args.jitter_strength), ("--grayscale", args.grayscale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            ap.error(f"{flag} {value} must be a number ≥ 0")
+    if args.grayscale is not None and args.grayscale > 1:
+        ap.error(f"--grayscale {args.grayscale} is a probability: it must be in [0, 1]")
+    if args.local_size is not None and args.local_size < 1:
+        ap.error(f"--local-size {args.local_size} must be ≥ 1 pixel")
+    if args.lambd is not None and not (math.isfinite(args.lambd) and args.lambd >= 0):
+        ap.error(f"--lambd {args.lambd} must be a number ≥ 0")
+
+
+def get_args(argv=None):
+    """argv → (validated args, parser): parse, fill the dependent defaults, check everything."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _fill_defaults(args)
+    _check_recipe(args, ap)
+    _check_run(args, ap)
     return args, ap

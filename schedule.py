@@ -332,43 +332,26 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
                          f"{have}; build its recipes with views={most}"
                          + (f" (local_crops={most - 2})" if method_name == "dino" else ""))
     params = [p for p in method.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in method.state_dict().items() if "running" in k or "num_batches" in k or k.endswith("center")}
+    buffers = {k: v.clone() for k, v in method.named_buffers()}       # BN statistics, DINO centre
     device = params[0].device
     was_training = method.training
     method.train()
     rank, world = rank_world()
     g = torch.Generator().manual_seed(seed)            # the same stream on every rank
-
-    def batch(epoch):
-        view_set.set_epoch(epoch)
-        everyone = torch.randint(len(view_set), (world * batch_size,), generator=g)
-        idx = everyone[rank * batch_size:(rank + 1) * batch_size].tolist()   # this rank's share
-        fetch = getattr(view_set, "__getitems__", None)               # batched augmentation
-        items = [v for v, _ in fetch(idx)] if fetch else [view_set[i][0] for i in idx]
-        return [torch.stack(v).to(device) for v in zip(*items)]        # views × (b, 3, s, s)
-
-    def gradient(views, strategy):
-        method.zero_grad(set_to_none=True)
-        loss, _ = method(views, strategy, progress)                     # keeps strategy.views
-        loss.backward()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params])
-        method.load_state_dict(buffers, strict=False)                   # undo BN / centre updates
-        # The losses gather across ranks, so the mean of the ranks' gradients is the gradient
-        # of the global batch (what DDP hands the optimiser); one rank's alone is not.
-        return all_reduce_mean(grad) if world > 1 else grad
+    batch = lambda epoch: _probe_batch(view_set, epoch, g, batch_size, device)   # noqa: E731
+    grad = lambda views, s: _flat_gradient(method, params, buffers, views, s, progress)  # noqa: E731
 
     t0 = time.time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + rank)                                  # dropout subsets
         ref = RunningGradientStats()
         for i in range(ref_batches):
-            ref.add(gradient(batch(1_000_000 + i), run))
+            ref.add(grad(batch(1_000_000 + i), run))
         stats = [RunningGradientStats() for _ in strategies]
         for k in range(batches):
             batch_views = batch(2_000_000 + k)
             for s, st in zip(resolved, stats):
-                st.add(gradient(batch_views, s))
+                st.add(grad(batch_views, s))
     method.zero_grad(set_to_none=True)
     method.train(was_training)
     # c_s / c_0 with every view charged (strategy.views also sets DINO's local crops to M − 2)
@@ -390,6 +373,31 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
                 ref_norm2=float(ref.mean @ ref.mean), ref_norm2_corrected=signal2,
                 ref_norm2_clipped=clipped, ref_var=ref.variance, units_spent=spent,
                 seconds=time.time() - t0, rows=rows)
+
+
+def _probe_batch(view_set, epoch, g, batch_size, device):
+    """This rank's share of one global batch drawn from g (the same stream on every rank), its
+    views made at ``epoch`` (a fresh augmentation draw): views × (b, 3, s, s)."""
+    rank, world = rank_world()
+    view_set.set_epoch(epoch)
+    everyone = torch.randint(len(view_set), (world * batch_size,), generator=g)
+    idx = everyone[rank * batch_size:(rank + 1) * batch_size].tolist()   # this rank's share
+    fetch = getattr(view_set, "__getitems__", None)                   # batched augmentation
+    items = [v for v, _ in fetch(idx)] if fetch else [view_set[i][0] for i in idx]
+    return [torch.stack(v).to(device) for v in zip(*items)]
+
+
+def _flat_gradient(method, params, buffers, views, strategy, progress):
+    """The gradient of one step's loss as one vector, buffers restored afterwards. The losses
+    gather across ranks, so the mean of the ranks' gradients is the gradient of the global
+    batch (what DDP hands the optimiser); one rank's alone is not."""
+    method.zero_grad(set_to_none=True)
+    loss, _ = method(views, strategy, progress)                       # keeps strategy.views
+    loss.backward()
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    method.load_state_dict(buffers, strict=False)                     # undo BN / centre updates
+    return all_reduce_mean(grad) if rank_world()[1] > 1 else grad
 
 
 def best_strategy(result):

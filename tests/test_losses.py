@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import (DINO, DINOHead, GlobalBatchNorm1d, MoCoV3, SimCLR, build_method, dino_loss,
-                    gather_no_grad, gather_with_grad, all_reduce_mean, mlp, momentum_schedule,
+from distributed import GlobalBatchNorm1d
+from heads import DINOHead, mlp
+from losses import (DINO, MoCoV3, SimCLR, build_method, dino_loss,
+                    gather_no_grad, gather_with_grad, all_reduce_mean, momentum_schedule,
                     moco_v3_loss, nt_xent, teacher_temperature, update_center)
 
 

@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import augment  # noqa: E402
 import eval as evaluation  # noqa: E402
+import heads  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -188,8 +189,8 @@ def test_losses_are_float32_under_bf16_autocast(loss):
 
 def test_heads_end_in_float32_under_autocast():
     torch.manual_seed(0)
-    head = losses.DINOHead(32, out_dim=64, hidden_dim=32, bottleneck_dim=16)
-    proj = losses.mlp(32, 32, 16, layers=2, last_bn=False)
+    head = heads.DINOHead(32, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    proj = heads.mlp(32, 32, 16, layers=2, last_bn=False)
     x = torch.randn(4, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert head(x).dtype == torch.float32 and proj(x).dtype == torch.float32
