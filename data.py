@@ -231,17 +231,23 @@ def eval_transform(img_size):
 
 
 class EvalDataset(Dataset):
-    """A base dataset seen through ``eval_transform``: items (float (3, s, s), label)."""
+    """A base dataset seen through ``eval_transform``: items (float (3, s, s), label).
+    ``subset=N`` keeps N of its items, a random choice fixed by seed 0 (whatever the run's
+    seed, so every run of a comparison is measured against the same images)."""
 
-    def __init__(self, base, img_size):
+    def __init__(self, base, img_size, subset=None):
         self.base, self.transform = base, eval_transform(img_size)
         self.classes = getattr(base, "classes", None)
+        self.index = list(range(len(base)))
+        if subset is not None and subset < len(base):
+            self.index = torch.randperm(len(base), generator=torch.Generator().manual_seed(0))
+            self.index = sorted(self.index[:subset].tolist())
 
     def __len__(self):
-        return len(self.base)
+        return len(self.index)
 
     def __getitem__(self, i):
-        img, label = self.base[i]
+        img, label = self.base[self.index[i]]
         return self.transform(img), label
 
 

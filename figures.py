@@ -1,27 +1,40 @@
-"""The paper's figures in miniature: each one command, on the embedded dataset, on a CPU.
+"""The paper's experiments (§6), each one command, on any dataset train.py reads, on a CPU.
 
-Concern: the experiments of the paper (§6, Figs. 1, 3, 4, 7, 8; Table 3) re-run at a size
-that finishes in minutes on a laptop, and the second paper's views × compression question.
-Every number comes from train.py / eval.py / schedule.py runs started here; nothing is
-computed any other way. Runs go two at a time, one thread each (``--jobs``), so that the
-runs being compared share the machine equally.
+Concern: the experiments of the paper (Figs. 1, 3–8; Table 2) and the second paper's views
+question, run with several seeds and reported as mean and range. Every number comes from
+train.py / eval.py / schedule.py runs started here; nothing is computed any other way. Runs
+go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
+equally.
 
-    python figures.py cost                      # (a) Fig. 3: sample cost, model vs measured
-    python figures.py constant                  # (b) Fig. 7 / Table 3: constant strategies
-    python figures.py compare --method moco     # (c) Fig. 8 + (d) Fig. 1: schedule, speed-up
-    python figures.py views                     # views × compression at equal budget
+    D="--data folder --data-root data/cifar10"      # the README's figures (CIFAR-10 JPEGs)
+    python figures.py cost --method moco            # Fig. 3: sample cost, FLOP model vs timed
+    python figures.py constant --method moco $D     # Fig. 7 / Table 2: constants at 3 budgets
+    python figures.py compare --method moco $D      # Figs. 4, 8, 1: probes, schedules, speed-up
+    python figures.py decay --method simclr $D      # Figs. 5/6: cosine vs polynomial decay
+    python figures.py views $D                      # second paper: views × data, × compression
 
-Each writes ``figs/<figure>/``: one folder per run (train.py's outputs plus eval.json),
-``results.json``, ``table.md`` (the table it prints) and a PNG when matplotlib is installed
-(drawn by plots.py).
-A finished run is reused when the figure is made again with the same settings (``--fresh``
-re-runs everything), so a figure can be re-plotted for free.
+Without ``--data`` the runs use the embedded dataset (minutes, a look at the machinery only).
 
-**Speed-up factor (Fig. 1).** The baseline spends budget B and ends at k-NN accuracy a*.
-The accelerated run is evaluated every 10 % of the same budget; the budget at which its
-k-NN curve (linear between evaluations) first reaches a* is b, and the speed-up is B / b,
-counted in units (forward passes; compress.py) and, from the same curves in training
-seconds (evaluation time excluded), in wall-clock time.
+**Runs.** Every train.py run lives in ``figs/<dataset>/runs/<method>/<name>_<budget>_s<seed>/``
+(train.py's outputs, ``eval.json`` from eval.py, ``DONE.json`` with its command line). A figure
+asks for runs by name, budget and seed; a finished run with the same command line is reused,
+whichever figure made it, so figures share their baselines and a figure can be completed
+over several sittings (``--fresh`` re-runs). Each figure writes ``figs/<dataset>/<figure>_<method>/``:
+``results.json``, ``table.md`` (the table it prints) and PNGs when matplotlib is installed.
+
+**Seeds.** Baselines, schedules and ``auto`` run with every seed of ``--seeds`` (default
+0,1,2); the constant strategies with the first ``--constant-seeds`` of them (default 1).
+Tables give mean and range (min–max) over seeds; the curves are drawn as the mean with the
+range as a band.
+
+**Speed-up factor (Fig. 1).** The baseline of seed s spends budget B and ends at k-NN
+accuracy a*. The accelerated run of seed s is evaluated every 10 % of the same budget; the
+budget at which its k-NN curve (linear between evaluations) first reaches a* is b, and the
+speed-up is B / b, counted in units (forward passes; compress.py) and, from the same curves
+in training seconds (evaluation time excluded), in wall-clock time. Computed per seed, then
+reported as mean and range; a run that never reaches a* has no factor (counted as such).
+The curves' k-NN uses ``--knn-bank`` training images (all of them on the embedded set); the
+final NN / LP columns are eval.py's, against the whole training set.
 """
 import argparse
 import json
@@ -35,59 +48,76 @@ import time
 import plots  # the PNGs (matplotlib, optional)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# The strategies compared with the baseline (32-px images, p0 = 4): token dropout on the
-# query (the online / student view), and patch scaling 4 → 8 on both roles (64 → 16 tokens).
+# The constant strategies compared with the baseline (p0 = 4 on 32-px images): token dropout
+# on the query (the online / student view), and patch scaling 4 → 8 on both roles (64 → 16
+# tokens). The offline probe's grid: 12 strategies.
 DROP, PATCH = "q:drop=0.75", "qk:patch=8"
 PROBE_GRID = "drop=0,0.5,0.75,0.9 patch=4,6,8"
-BUDGETS = {"simclr": "200k", "moco": "200k", "dino": "200k", "multiview": "200k"}
+PROBE_AT = (0, 25, 50, 75)
 
 
 # ===================================================================== running things
-def run_train(out, args, threads, fresh):
-    """train.py into ``out`` (reused if it finished before with the same arguments)."""
-    argv = [*args, "--out", out]
-    done = os.path.join(out, "DONE.json")
+def run_dir(args, method, name, budget, seed):
+    return os.path.join(args.out, args.dataset, "runs", method, f"{name}_{budget}_s{seed}")
+
+
+def spec(args, method, name, budget, seed, *extra):
+    """(folder, train.py flags) of one run: the dataset, budget and seed, then ``extra``."""
+    argv = ["--method", method, "--budget", budget, "--seed", str(seed), "--log-every", "30",
+            *args.data_flags, "--eval-every", "0.1", *extra, *shlex.split(args.train_args)]
+    return run_dir(args, method, name, budget, seed), argv
+
+
+def start_train(out, argv, threads, fresh):
+    """train.py into ``out``; None if it finished before with the same command line. A run
+    that was stopped (its last.pt and args.json there, no DONE.json) resumes where it was,
+    as train.py --resume continues any run (it refuses other settings)."""
+    argv = [*argv, "--out", out]
+    done, last = os.path.join(out, "DONE.json"), os.path.join(out, "last.pt")
     if not fresh and os.path.isfile(done):
         with open(done) as f:
             if json.load(f)["argv"] == argv:
                 return None
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    resume = not fresh and not os.path.isfile(done) and os.path.isfile(last)
+    if not resume:
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with open(os.path.join(out, "stdout.txt"), "w") as log:
-        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv],
+    with open(os.path.join(out, "stdout.txt"), "a" if resume else "w") as log:
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv,
+                                 *(["--resume"] if resume else [])],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def run_all(runs, jobs, fresh):
-    """runs: {out_dir: train.py args}; at most ``jobs`` at once, each on cores // jobs threads."""
+    """runs: [(folder, train.py flags)]; at most ``jobs`` at once, each on cores // jobs threads."""
     threads = max(1, (os.cpu_count() or 2) // jobs)
-    pending, active = list(runs.items()), {}
+    pending, active = list(runs), {}
     while pending or active:
         while pending and len(active) < jobs:
-            out, args = pending.pop(0)
-            p = run_train(out, args, threads, fresh)
+            out, argv = pending.pop(0)
+            p = start_train(out, argv, threads, fresh)
             if p is not None:
                 print(f"  started {out}", flush=True)
-                active[out] = (p, args, time.time())
-        for out, (p, args, t0) in list(active.items()):
+                active[out] = (p, argv, time.time())
+        for out, (p, argv, t0) in list(active.items()):
             if p.poll() is None:
                 continue
             del active[out]
             if p.returncode != 0:
                 with open(os.path.join(out, "stdout.txt")) as f:
                     tail = f.read()[-2000:]
-                raise SystemExit(f"error: train.py {' '.join(args)} failed "
+                raise SystemExit(f"error: train.py {' '.join(argv)} failed "
                                  f"(exit {p.returncode}):\n{tail}")
             with open(os.path.join(out, "DONE.json"), "w") as f:
-                json.dump(dict(argv=[*args, "--out", out], seconds=time.time() - t0), f)
+                json.dump(dict(argv=[*argv, "--out", out], seconds=time.time() - t0), f)
             print(f"  finished {out} in {(time.time() - t0) / 60:.1f} min", flush=True)
         time.sleep(0.5)
 
 
 def evaluate(outs, jobs, fresh):
-    """eval.py --knn --linear on each run's last.pt → <run>/eval.json (NN and LP)."""
+    """eval.py --knn --linear on each run's last.pt → <run>/eval.json; {folder: (NN, LP)}."""
     threads = max(1, (os.cpu_count() or 2) // jobs)
     todo = [o for o in outs if fresh or not os.path.isfile(os.path.join(o, "eval.json"))]
     while todo:
@@ -105,7 +135,8 @@ def evaluate(outs, jobs, fresh):
     results = {}
     for o in outs:
         with open(os.path.join(o, "eval.json")) as f:
-            results[o] = json.load(f)
+            e = json.load(f)
+        results[o] = (e["knn"]["top1"], e["linear"]["top1"])
     return results
 
 
@@ -122,9 +153,11 @@ def read_run(out):
                 images=(steps[-1]["step"] * args["batch_size"]) if steps else 0,
                 strategies=[r["strategy"] for i, r in enumerate(steps)        # stage by stage
                             if i == 0 or r["strategy"] != steps[i - 1]["strategy"]],
-                probe_units=sum(r["probe_units"] for r in probes))
+                probe_units=sum(r["probe_units"] for r in probes),
+                probe_seconds=sum(r.get("probe_seconds", 0.0) for r in probes))
 
 
+# ======================================================================= statistics
 def first_reach(points, target):
     """The smallest x where the piecewise-linear curve through (x, acc) points reaches target."""
     for (x0, a0), (x1, a1) in zip(points, points[1:]):
@@ -144,6 +177,26 @@ def speedups(base, run):
     return (b_units / u if u else None), (b_wall / w if w else None)
 
 
+def spread(values, digits=1):
+    """'mean (min–max)' over seeds; values that are None (never reached) are left out and
+    counted: '3.1 (2.8–3.5), 1 of 3 not reached'. One value prints alone."""
+    got = [v for v in values if v is not None]
+    missing = len(values) - len(got)
+    if not got:
+        return "not reached" if values else "–"
+    mean = sum(got) / len(got)
+    text = f"{mean:.{digits}f}" if len(got) == 1 else \
+        f"{mean:.{digits}f} ({min(got):.{digits}f}–{max(got):.{digits}f})"
+    return text + (f", {missing} of {len(values)} not reached" if missing else "")
+
+
+def summary(values):
+    """mean, min, max and the values (None left out of the first three) for results.json."""
+    got = [v for v in values if v is not None]
+    return dict(mean=sum(got) / len(got) if got else None, min=min(got, default=None),
+                max=max(got, default=None), values=values)
+
+
 # ======================================================================== reporting
 def table(header, rows):
     """A Markdown table (printed and written to table.md)."""
@@ -161,162 +214,249 @@ def report(folder, text, results):
         json.dump(results, f, indent=1)
 
 
+def describe(args):
+    return (f"{args.dataset}, CPU preset, seeds {','.join(map(str, args.seed_list))} "
+            f"(constants: {','.join(map(str, args.seed_list[:args.constant_seeds]))})")
+
+
+def group_rows(args, groups, base_name="baseline"):
+    """One table row per named group of runs ({name: [folders, seed by seed]}): strategy,
+    steps, final NN and LP (eval.py), training minutes and the speed-up over the baseline of
+    the same seed, each as mean (range). Returns (table text, results, {name: [read_run]})."""
+    evals = evaluate([o for outs in groups.values() for o in outs], args.jobs, args.fresh)
+    runs = {n: [read_run(o) for o in outs] for n, outs in groups.items()}
+    rows, results = [], {}
+    for n, outs in groups.items():
+        rs = runs[n]
+        pairs = [speedups(b, r) for b, r in zip(runs[base_name], rs)] if n != base_name else []
+        nn, lp = [evals[o][0] for o in outs], [evals[o][1] for o in outs]
+        minutes = [r["curve"][-1][1] / 60 for r in rs]
+        rows.append((n, len(outs), " → ".join(rs[0]["strategies"]), rs[0]["steps"], spread(nn),
+                     spread(lp), spread(minutes), spread([p[0] for p in pairs]) if pairs else "1",
+                     spread([p[1] for p in pairs]) if pairs else "1"))
+        results[n] = dict(runs=outs, nn=summary(nn), lp=summary(lp), minutes=summary(minutes),
+                          speedup_units=summary([p[0] for p in pairs]),
+                          speedup_wall=summary([p[1] for p in pairs]),
+                          curves=[r["curve"] for r in rs], strategies=rs[0]["strategies"],
+                          probe_units=[r["probe_units"] for r in rs])
+    header = ["run", "seeds", "strategy (seed 0)", "steps", "NN %", "LP %", "train min",
+              "speed-up (units)", "speed-up (wall)"]
+    return table(header, rows), results, runs
+
+
 # ========================================================================== figures
-def common(args, method, budget):
-    """train.py flags shared by every run of a figure: the quick start's settings, one seed."""
-    return ["--method", method, "--budget", budget, "--seed", str(args.seed), "--log-every", "30",
-            *shlex.split(args.train_args)]
-
-
 def fig_cost(args):
-    """(a) Fig. 3: the cost of one compressed view's forward pass over drop × patch, relative
-    to the uncompressed view (its units): the FLOP model next to timed forward passes."""
+    """Fig. 3: one sample's cost over the query's drop × patch, relative to the uncompressed
+    sample, for ``--method`` with its heads: the FLOP model next to timed forward passes."""
     import compress
+    import losses
     import vit
-    model = vit.build_vit(args.model)
-    flops, measured = compress.CostModel(model, "flops"), compress.CostModel(model, "measured")
+    model, name = vit.build_vit(args.model), args.method
     patches, drops = compress.default_patch_grid(model.patch_size), compress.DROP_GRID
+    heads = losses.build_method(name, model, **losses.head_sizes(name, model.dim)).cost_heads()
+    models = {mode: compress.CostModel(model, mode, heads=heads, reps=args.reps)
+              for mode in ("flops", "measured")}
+    base = {mode: c.sample_units(name) for mode, c in models.items()}
     rows, results = [], []
     for p in patches:
-        row, pp = [p], None if p == model.patch_size else p    # None: the base, timed once
+        row = [p]
         for d in drops:
-            f = flops.forward_cost(patch_size=pp, drop=d) / flops.base
-            m = measured.forward_cost(patch_size=pp, drop=d) / measured.base
+            s = compress.Strategy(q=compress.ViewCompression(d, None if p == model.patch_size else p))
+            f, m = (models[k].sample_units(name, s) / base[k] for k in ("flops", "measured"))
             results.append(dict(drop=d, patch=p, flops=f, measured=m))
             row.append(f"{f:.2f} ({m:.2f})")
         rows.append(row)
     ratios = [r["measured"] / r["flops"] for r in results]
-    text = (f"Cost of one view's forward pass on ViT-{args.model} ({model.img_size} px, p0 = "
-            f"{model.patch_size}) relative to the uncompressed view: FLOP model (measured, "
-            f"median of 5 timed batches of 32). measured / model: {min(ratios):.2f}–"
-            f"{max(ratios):.2f}\n\n"
-            + table(["patch \\ drop", *[f"{d:g}" for d in drops]], rows))
+    text = (f"Cost of one {name} training sample on ViT-{args.model} ({model.img_size} px, p0 = "
+            f"{model.patch_size}), heads counted, the query compressed and the key not, relative "
+            f"to the uncompressed sample ({base['flops']:.2f} units by the model, "
+            f"{base['measured']:.2f} timed): FLOP model (timed forward passes of backbone + head, "
+            f"median of {args.reps} batches of 32). measured / model: {min(ratios):.2f}–{max(ratios):.2f}"
+            "\n\n" + table(["patch \\ drop", *[f"{d:g}" for d in drops]], rows))
     report(args.folder, text, results)
-    plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, compress.DROP_GRID)
+    plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, drops)
 
 
 def fig_constant(args):
-    """(b) Fig. 7 / Table 3: baseline, constant dropout, constant patch scaling; NN and LP at
-    several budgets (each budget a separate run with its own LR schedule)."""
-    budgets = args.budgets.split(",")
-    runs = {}
-    for b in budgets:
-        for name, accel in (("baseline", "none"), ("drop", DROP), ("patch", PATCH)):
-            runs[os.path.join(args.folder, f"{name}_{b}")] = [*common(args, args.method, b),
-                                                              "--accel", accel, "--eval-every", "0"]
-    run_all(runs, args.jobs, args.fresh)
-    evals = evaluate(list(runs), args.jobs, args.fresh)
-    rows, results = [], []
-    for out in runs:
-        name, b = os.path.basename(out).split("_")
-        r = read_run(out)
-        e = evals[out]
-        nn, lp = e["knn"]["top1"], e["linear"]["top1"]
-        rows.append((b, name, r["strategies"][0], r["steps"], nn, lp))
-        results.append(dict(budget=b, run=name, steps=r["steps"], nn=nn, lp=lp))
-    text = (f"{args.method}: constant strategies vs the baseline at equal budgets "
-            f"(embedded data, CPU preset, seed {args.seed})\n\n"
-            + table(["budget", "run", "strategy", "steps", "NN %", "LP %"], rows))
+    """Fig. 7 / Table 2: baseline, constant dropout and constant patch scaling at several
+    budgets (each budget its own run and learning-rate schedule); final NN and LP."""
+    seeds = args.seed_list[:args.constant_seeds]
+    groups = {}
+    for b in args.budgets.split(","):
+        for name, extra in (("baseline", []), ("drop", ["--accel", DROP]),
+                            ("patch", ["--accel", PATCH])):
+            groups[f"{name} {b}"] = [spec(args, args.method, name, b, s, *extra) for s in seeds]
+    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
+    rows, results = [], {}
+    for key, g in groups.items():
+        name, b = key.split()
+        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
+        base = [evals[o][0] for o, _ in groups[f"baseline {b}"]]
+        delta = [x - y for x, y in zip(nn, base)]
+        rows.append((b, name, read_run(g[0][0])["steps"], spread(nn), spread(lp),
+                     "" if name == "baseline" else spread(delta)))
+        results[key] = dict(nn=summary(nn), lp=summary(lp), nn_minus_baseline=summary(delta))
+    text = (f"{args.method}: constant strategies ({DROP}, {PATCH}) against the baseline at "
+            f"equal budgets ({describe(args)})\n\n"
+            + table(["budget", "run", "steps", "NN %", "LP %", "NN − baseline"], rows))
     report(args.folder, text, results)
 
 
 def probe_and_build(args, base_out):
-    """schedule.py probe at the baseline's stage checkpoints, then build (paper §5)."""
-    probes = []
-    for pct in (0, 25, 50, 75):
+    """Fig. 4 and the paper's offline schedule (§5): schedule.py probe at the baseline's stage
+    checkpoints (heatmaps per stage), then build = argmin CA-MSE per stage. Returns the
+    schedule's path and the probes' cost in units."""
+    probes, units = [], 0.0
+    for pct in PROBE_AT:
         out = os.path.join(args.folder, f"probe_{pct}.json")
         if args.fresh or not os.path.isfile(out):
             subprocess.run([sys.executable, os.path.join(ROOT, "schedule.py"), "probe", "--ckpt",
                             os.path.join(base_out, f"ckpt_{pct}.pt"), "--grid", PROBE_GRID,
                             "--out", out], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            units += json.load(f)["units_spent"]
         probes.append(out)
     sched = os.path.join(args.folder, "schedule.json")
     subprocess.run([sys.executable, os.path.join(ROOT, "schedule.py"), "build", *probes,
-                    "--out", sched], check=True, cwd=ROOT)
-    return sched
+                    "--out", sched, "--png", os.path.join(args.folder, "schedule.png")],
+                   check=True, cwd=ROOT)
+    return sched, units
 
 
 def fig_compare(args):
-    """(c) Fig. 8 and (d) Fig. 1 for one method: baseline, constant dropout, constant patch
-    scaling and the probe-built schedule at equal budget; k-NN curves and speed-up factors."""
-    budget = args.budget or BUDGETS[args.method]
-    f = lambda name: os.path.join(args.folder, name)                          # noqa: E731
-    every = ["--eval-every", "0.1"]
-    # 1. the baseline (whose stage checkpoints the probe reads) beside constant dropout
-    run_all({f("baseline"): [*common(args, args.method, budget), *every],
-             f("drop"): [*common(args, args.method, budget), *every, "--accel", DROP]},
-            args.jobs, args.fresh)
-    # 2. the schedule: argmin CA-MSE at 0/25/50/75 % of the baseline (offline, as the paper)
-    sched = probe_and_build(args, f("baseline"))
-    # 3. constant patch scaling beside the schedule
-    run_all({f("patch"): [*common(args, args.method, budget), *every, "--accel", PATCH],
-             f("schedule"): [*common(args, args.method, budget), *every, "--accel", sched]},
-            args.jobs, args.fresh)
-    names = ["baseline", "drop", "patch", "schedule"]
-    evals = evaluate([f(n) for n in names], args.jobs, args.fresh)
-    runs = {n: read_run(f(n)) for n in names}
-    rows, results = [], {}
-    for n in names:
-        r, e = runs[n], evals[f(n)]
-        su, sw = speedups(runs["baseline"], r) if n != "baseline" else (1.0, 1.0)
-        rows.append((n, " → ".join(r["strategies"]), r["steps"], r["images"], e["knn"]["top1"],
-                     e["linear"]["top1"], r["curve"][-1][1] / 60, su, sw))
-        results[n] = dict(run=r, nn=e["knn"]["top1"], lp=e["linear"]["top1"], speedup_units=su,
-                          speedup_wall=sw)
-    text = (f"{args.method}, budget {budget} units, embedded data, CPU preset, seed {args.seed}, "
-            f"{args.jobs} runs at a time. Speed-up: budget (or training time) at which the run "
-            f"first reaches the baseline's final k-NN ({runs['baseline']['curve'][-1][2]:.1f} %), "
-            "divided into the baseline's\n\n"
-            + table(["run", "strategy", "steps", "images", "NN %", "LP %", "train min",
-                     "speed-up (units)", "speed-up (wall)"], rows))
+    """Figs. 4, 8 and 1 for one method at one budget: the baseline, constant dropout and
+    patch scaling, the offline schedule (probes of seed 0's baseline) and ``--accel auto``
+    (online probes charged to its budget); final accuracies, k-NN curves, speed-ups."""
+    m, b, seeds = args.method, args.budget, args.seed_list
+    consts = seeds[:args.constant_seeds]
+    base = [spec(args, m, "baseline", b, s) for s in seeds]
+    drop = [spec(args, m, "drop", b, s, "--accel", DROP) for s in consts]
+    run_all(base + drop, args.jobs, args.fresh)
+    sched, probe_units = probe_and_build(args, base[0][0])
+    groups = dict(baseline=base, drop=drop,
+                  patch=[spec(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
+                  schedule=[spec(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
+                  auto=[spec(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
+    run_all(groups["schedule"] + groups["auto"] + groups["patch"], args.jobs, args.fresh)
+    text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
+    auto_units = results["auto"]["probe_units"]
+    budget = runs["baseline"][0]["budget"]
+    text = (f"{m}, budget {b} units ({describe(args)}), {args.jobs} runs at a time. Speed-up: "
+            "budget (or training time) at which a run first reaches the final k-NN of the "
+            "baseline of its seed, divided into the baseline's; mean (range) over seeds.\n"
+            f"Offline schedule: its probes of the baseline's checkpoints cost {probe_units:,.0f} "
+            f"units ({probe_units / budget:.1%} of the budget, not charged to its run) after a "
+            f"baseline run; auto's probes cost {spread(auto_units, 0)} units, charged to its "
+            "budget.\n\n" + text)
+    results["offline_probe_units"] = probe_units
     report(args.folder, text, results)
-    plots.plot_curves(os.path.join(args.folder, "knn_vs_budget.png"), runs, names,
-                      f"{args.method}: k-NN vs budget and time (embedded, CPU preset)")
+    plots.plot_bands(os.path.join(args.folder, "knn_vs_budget.png"),
+                     {n: r["curves"] for n, r in results.items() if isinstance(r, dict)},
+                     f"{m}: k-NN vs budget and training time ({args.dataset}, mean and range)")
+
+
+def fig_decay(args):
+    """Figs. 5/6: cosine against polynomial decay of the learning rate for the baseline, at
+    each budget of ``--budgets`` (the paper: the polynomial schedule wins under a tight
+    budget)."""
+    seeds, groups = args.seed_list, {}
+    for b in args.budgets.split(","):
+        for name, extra in (("baseline", []), ("poly", ["--lr-schedule", "poly"])):
+            groups[f"{name} {b}"] = [spec(args, args.method, name, b, s, *extra) for s in seeds]
+    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
+    rows, results = [], {}
+    for key, g in groups.items():
+        name, b = key.split()
+        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
+        cos = [evals[o][0] for o, _ in groups[f"baseline {b}"]]
+        delta = [x - y for x, y in zip(nn, cos)]
+        rows.append((b, "cosine" if name == "baseline" else "poly (1 − t)²", spread(nn),
+                     spread(lp), "" if name == "baseline" else spread(delta)))
+        results[key] = dict(nn=summary(nn), lp=summary(lp), nn_minus_cosine=summary(delta))
+    text = (f"{args.method}: learning-rate decay after warm-up, cosine against polynomial, at "
+            f"equal budgets ({describe(args)}; the same seed pairs each difference)\n\n"
+            + table(["budget", "decay", "NN %", "LP %", "NN − cosine"], rows))
+    report(args.folder, text, results)
 
 
 def fig_views(args):
-    """Views × compression at equal budget (second paper): 2 full views, or 4 cheaper ones?"""
-    budget = args.budget or BUDGETS["simclr"]
-    settings = [("simclr", 2, "none"), ("simclr", 4, "qk:drop=0.5"), ("simclr", 4, "none"),
-                ("multiview", 2, "none"), ("multiview", 4, "qk:drop=0.5")]
-    runs = {os.path.join(args.folder, f"{m}_v{v}_{a.replace(':', '').replace('=', '')}"):
-            [*common(args, m, budget), "--views", str(v), "--accel", a, "--eval-every", "0"]
-            for m, v, a in settings}
-    run_all(runs, args.jobs, args.fresh)
-    evals = evaluate(list(runs), args.jobs, args.fresh)
-    rows, results = [], []
-    for (m, v, a), out in zip(settings, runs):
-        r, e = read_run(out), evals[out]
-        nn, lp = e["knn"]["top1"], e["linear"]["top1"]
-        rows.append((m, v, a, r["steps"], r["images"], nn, lp, r["curve"][-1][1] / 60))
-        results.append(dict(method=m, views=v, accel=a, steps=r["steps"], nn=nn, lp=lp))
-    text = (f"views × compression at equal budget {budget} units (embedded data, CPU preset, "
-            f"seed {args.seed})\n\n"
-            + table(["method", "views", "accel", "steps", "images", "NN %", "LP %", "train min"], rows))
+    """The second paper's claims at equal budget: M = 4 views on half the training images
+    against M = 2 on all of them (more views, less data), and 4 views at drop 0.5 against 2
+    full views (views × compression), with its multi-view loss."""
+    b, seeds, half = args.budget, args.seed_list, str(args.half_size)
+    groups = {
+        "2 views, all images": [spec(args, "multiview", "v2", b, s) for s in seeds],
+        "4 views, half the images": [spec(args, "multiview", "v4half", b, s, "--views", "4",
+                                          "--data-size", half) for s in seeds],
+        "2 views, half the images": [spec(args, "multiview", "v2half", b, s, "--data-size", half)
+                                     for s in seeds],
+        "4 views at drop 0.5": [spec(args, "multiview", "v4drop", b, s, "--views", "4",
+                                     "--accel", "qk:drop=0.5") for s in seeds]}
+    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    text, results, _ = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()},
+                                  base_name="2 views, all images")
+    text = (f"multi-view loss, budget {b} units ({describe(args)}; half = {half} images): "
+            "speed-up against 2 views on all images of the same seed\n\n" + text)
     report(args.folder, text, results)
 
 
-FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare, "views": fig_views}
+FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare,
+           "decay": fig_decay, "views": fig_views}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("figure", choices=list(FIGURES))
     ap.add_argument("--method", default="simclr", choices=["simclr", "moco", "dino", "multiview"])
-    ap.add_argument("--budget", default=None, help="compare/views: units per run (default 200k)")
-    ap.add_argument("--budgets", default="50k,100k", help="constant: the budgets compared")
-    ap.add_argument("--model", default="tiny", help="cost: the ViT preset timed (224 px for tiny)")
+    ap.add_argument("--data", default="embedded", help="train.py's --data (default embedded)")
+    ap.add_argument("--data-root", default=None, help="train.py's --data-root")
+    ap.add_argument("--download", action="store_true", help="train.py's --download")
+    ap.add_argument("--knn-bank", type=int, default=10000,
+                    help="training images the curves' k-NN compares against (train.py "
+                         "--knn-bank; all of them on the embedded set)")
+    ap.add_argument("--budget", default=None,
+                    help="compare/views: units per run (default 500k; 200k on the embedded set)")
+    ap.add_argument("--budgets", default=None, help="constant/decay: the budgets compared "
+                    "(default 125k,250k,500k; 50k,100k,200k on the embedded set)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of baselines, schedules and auto")
+    ap.add_argument("--constant-seeds", type=int, default=1,
+                    help="how many of --seeds the constant strategies run with")
+    ap.add_argument("--half-size", type=int, default=22500, help="views: 'half the images'")
+    ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
+    ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="re-run finished runs too")
-    ap.add_argument("--out", default="figs", help="parent folder of the figures' folders")
+    ap.add_argument("--out", default="figs", help="parent folder of the figures and runs")
     ap.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. "
                     "'--data-size 512' for a quick look (the figures in README use none)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs} must be ≥ 1")
-    suffix = "" if args.figure in ("cost", "views") else f"_{args.method}"
-    args.folder = os.path.join(args.out, args.figure + suffix)
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r} must be integers separated by commas, e.g. 0,1,2")
+    if not 1 <= args.constant_seeds <= len(args.seed_list):
+        ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
+                 f"(the number of --seeds)")
+    embedded = args.data == "embedded"
+    args.dataset = os.path.basename(os.path.normpath(args.data_root)) \
+        if args.data == "folder" and args.data_root else args.data
+    args.data_flags = ["--data", args.data, *(["--data-root", args.data_root] if args.data_root
+                                               else []),
+                       *(["--download"] if args.download else []),
+                       *([] if embedded else ["--knn-bank", str(args.knn_bank)])]
+    args.budget = args.budget or ("200k" if embedded else "500k")
+    args.budgets = args.budgets or ("50k,100k,200k" if embedded else "125k,250k,500k")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    suffix = "" if args.figure == "views" else f"_{args.method}"
+    args.folder = os.path.join(args.out, args.dataset, args.figure + suffix)
     os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()
     FIGURES[args.figure](args)

@@ -243,6 +243,10 @@ def _add_output_flags(ap):
                          "best for the embedded set on a 2-core CPU)")
     ap.add_argument("--eval-every", type=float, default=0.25,
                     help="k-NN accuracy every this fraction of the budget (0: only at the start and end)")
+    ap.add_argument("--knn-bank", type=int, default=None, metavar="N",
+                    help="k-NN during training against N training images (a fixed random subset, "
+                         "the same for every run and seed) instead of all: a cheaper curve for "
+                         "figures; eval.py always uses all of them")
     ap.add_argument("--ckpt-at", type=fraction_list, default=fraction_list("0,0.25,0.5,0.75,1"),
                     help="progress fractions at which ckpt_<pct>.pt is kept")
     ap.add_argument("--save-every", type=float, default=0.05,
@@ -327,7 +331,8 @@ def _check_run(args, ap):
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr {args.lr} must be a positive number")
     for flag, value, low in (("--img-size", args.img_size, 1), ("--patch-size", args.patch_size, 1),
-                             ("--data-size", args.data_size, 1), ("--workers", args.workers, 0),
+                             ("--data-size", args.data_size, 1), ("--knn-bank", args.knn_bank, 1),
+                             ("--workers", args.workers, 0),
                              ("--save-every-steps", args.save_every_steps, 0),
                              ("--seed", args.seed, 0)):
         if value is not None and value < low:

@@ -28,25 +28,35 @@ def pyplot(note="tables only, no PNG"):
 
 
 # ==================================================== Fig. 1: k-NN vs budget and time
-def plot_curves(path, runs, names, title):
-    """k-NN vs units (left) and vs training minutes (right), one line per run (Fig. 1)."""
+def plot_bands(path, curves, title):
+    """k-NN vs units (left) and vs training minutes (right) over seeds (Fig. 1): curves
+    {name: [one curve per seed]}, a curve a list of (units, train seconds, k-NN %) at the
+    same evaluation points for every seed. The line is the mean over seeds, the band the
+    range (min to max); one seed draws a line alone."""
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in names:
-        c = runs[name]["curve"]
-        axes[0].plot([x[0] / 1e3 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
-        axes[1].plot([x[1] / 60 for x in c], [x[2] for x in c], marker="o", ms=3, label=name)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, runs in curves.items():
+        n = min(len(c) for c in runs)                          # evaluations every run has
+        mean = lambda i: [sum(c[j][i] for c in runs) / len(runs) for j in range(n)]  # noqa: E731
+        acc = [[c[j][2] for c in runs] for j in range(n)]
+        for ax, x in zip(axes, (mean(0), mean(1))):
+            x = [v / 1e3 for v in x] if ax is axes[0] else [v / 60 for v in x]
+            line, = ax.plot(x, mean(2), marker="o", ms=3, label=f"{name} ({len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(x, [min(a) for a in acc], [max(a) for a in acc],
+                                color=line.get_color(), alpha=0.2, lw=0)
     axes[0].set_xlabel("budget spent (k units)")
-    axes[1].set_xlabel("training time (min)")
+    axes[1].set_xlabel("training time (min, mean over seeds)")
     for ax in axes:
         ax.set_ylabel("k-NN top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    axes[0].legend(fontsize=8, title="run (seeds)", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -170,7 +170,7 @@ def main(argv=None):
                                           cache=args.data_cache)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             parser.error(str(e))
-        knn_sets = (data.EvalDataset(train_base, backbone.img_size),
+        knn_sets = (data.EvalDataset(train_base, backbone.img_size, subset=args.knn_bank),
                     data.EvalDataset(val_base, backbone.img_size))
 
     # ===== optimizer =====
@@ -346,7 +346,8 @@ def main(argv=None):
             t0 = time.time()
             with torch.random.fork_rng(devices=[]):         # evaluation must not move the RNG
                 acc = evaluation.knn_accuracy(evaluated, *knn_sets, device)
-            print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(knn_sets[1])} val images)",
+            print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(knn_sets[1])} val images, "
+                  f"{len(knn_sets[0])} training images)",
                   flush=True)
             # train_wall: seconds of training so far, without the evaluations (figures.py
             # compares runs in wall-clock time, and they need not evaluate equally often)

@@ -140,6 +140,7 @@ def test_a_data_root_without_val_is_named_too(odd_folder, tmp_path, run_main):
     (["--img-size", "0"], "--img-size 0 must be ≥ 1"),
     (["--patch-size", "0"], "--patch-size 0 must be ≥ 1"),
     (["--data-size", "0"], "--data-size 0 must be ≥ 1"),
+    (["--knn-bank", "0"], "--knn-bank 0 must be ≥ 1"),
     (["--workers", "-1"], "--workers -1 must be ≥ 0"),
     (["--seed", "-1"], "--seed -1 must be ≥ 0"),
     (["--save-every", "0"], "--save-every 0.0 in (0, 1]"),

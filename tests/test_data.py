@@ -215,6 +215,15 @@ def test_eval_transform_resizes_and_centre_crops():
     assert EvalDataset(EmbeddedShapes("val", size=2), 24)[0][0].shape == (3, 24, 24)
 
 
+def test_a_knn_bank_is_the_same_subset_of_the_training_set_for_every_run():
+    base = EmbeddedShapes("train", size=50)
+    bank = EvalDataset(base, 32, subset=20)
+    assert len(bank) == 20 and len(set(bank.index)) == 20
+    assert bank.index == EvalDataset(EmbeddedShapes("train", size=50, seed=7), 32, subset=20).index
+    assert bank[3][1] == base[bank.index[3]][1]
+    assert len(EvalDataset(base, 32, subset=500)) == 50          # larger than the set: all
+
+
 # ===== the sampler =====
 
 def test_ranks_are_disjoint_and_cover_the_truncated_permutation():

@@ -47,12 +47,58 @@ def test_read_run_takes_the_curve_steps_and_probe_cost_from_the_log(tmp_path):
     assert r["strategies"] == ["q:drop=0.5", "none"]
 
 
-def test_cost_figure_writes_its_table_and_results(tmp_path):
-    figures.main(["cost", "--model", "cpu", "--out", str(tmp_path)])
-    results = json.loads((tmp_path / "cost" / "results.json").read_text())
+def test_cost_figure_prices_a_sample_with_its_heads(tmp_path):
+    import compress
+    import vit
+    figures.main(["cost", "--method", "moco", "--model", "cpu", "--reps", "1",
+                  "--out", str(tmp_path)])
+    folder = tmp_path / "embedded" / "cost_moco"
+    results = json.loads((folder / "results.json").read_text())
     base = [r for r in results if r["drop"] == 0 and r["patch"] == 4]
     assert base[0]["flops"] == pytest.approx(1.0) and base[0]["measured"] == pytest.approx(1.0)
-    # more dropout never costs more in the FLOP model
     row = [r["flops"] for r in results if r["patch"] == 4]
-    assert row == sorted(row, reverse=True)
-    assert "patch \\ drop" in (tmp_path / "cost" / "table.md").read_text()
+    assert row == sorted(row, reverse=True)            # more dropout never costs more
+    # the heads do not shrink with the sequence: counted, they leave less to save
+    bare = compress.CostModel(vit.build_vit("cpu"), "flops")
+    most = max(results, key=lambda r: (r["patch"], r["drop"]))
+    strategy = compress.Strategy(q=compress.ViewCompression(most["drop"], most["patch"]))
+    assert most["flops"] > bare.sample_units("moco", strategy) / bare.sample_units("moco")
+    assert "patch \\ drop" in (folder / "table.md").read_text()
+
+
+def test_spread_is_mean_and_range_and_counts_runs_that_never_reached():
+    assert figures.spread([2.0, 4.0, 3.0]) == "3.0 (2.0–4.0)"
+    assert figures.spread([5.0]) == "5.0"
+    assert figures.spread([2.0, None, 4.0]) == "3.0 (2.0–4.0), 1 of 3 not reached"
+    assert figures.spread([None, None]) == "not reached"
+    assert figures.summary([1.0, None, 3.0]) == dict(mean=2.0, min=1.0, max=3.0,
+                                                      values=[1.0, None, 3.0])
+
+
+def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flags(tmp_path):
+    args = figures.parse_args(["compare", "--data", "folder", "--data-root", "data/cifar10/",
+                               "--out", str(tmp_path), "--seeds", "3,4"])
+    assert (args.dataset, args.budget, args.seed_list) == ("cifar10", "500k", [3, 4])
+    out, argv = figures.spec(args, "moco", "drop", "500k", 4, "--accel", "q:drop=0.75")
+    assert out == os.path.join(str(tmp_path), "cifar10", "runs", "moco", "drop_500k_s4")
+    assert argv[:6] == ["--method", "moco", "--budget", "500k", "--seed", "4"]
+    assert argv[argv.index("--knn-bank") + 1] == "10000"
+    assert argv[-2:] == ["--accel", "q:drop=0.75"]
+    embedded = figures.parse_args(["compare"])           # the whole (small) training set
+    assert "--knn-bank" not in figures.spec(embedded, "simclr", "b", "1k", 0)[1]
+    with pytest.raises(SystemExit):
+        figures.parse_args(["compare", "--seeds", "0,1", "--constant-seeds", "3"])
+
+
+def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(figures.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    out, argv = str(tmp_path / "run"), ["--method", "simclr", "--budget", "1k"]
+    os.makedirs(out)
+    (tmp_path / "run" / "last.pt").write_bytes(b"x")             # stopped: no DONE.json
+    figures.start_train(out, argv, 1, fresh=False)
+    assert started[-1][-1] == "--resume" and (tmp_path / "run" / "last.pt").exists()
+    (tmp_path / "run" / "DONE.json").write_text(json.dumps(dict(argv=[*argv, "--out", out])))
+    assert figures.start_train(out, argv, 1, fresh=False) is None and len(started) == 1
+    figures.start_train(out, [*argv, "--seed", "1"], 1, fresh=False)  # other settings: afresh
+    assert "--resume" not in started[-1] and not (tmp_path / "run" / "last.pt").exists()
