@@ -46,7 +46,6 @@ Usage::
 import argparse
 import functools
 import importlib
-import itertools
 import json
 import math
 import platform
@@ -55,41 +54,26 @@ import time
 
 import torch
 
+import augment
 import compress
 import data
 from bench_loader import bench_loader, loader_base, loader_rate
 import losses
 import vit
 from compress import forward_flops
+from schedule import parse_grid
 
 
 # ======================================================================= cells
-def parse_grid(text, p0):
-    """Cells (drop, patch) from e.g. "drop=0,0.5,0.75,0.9; patch=32".
-
-    Groups are separated by ';'; each group is the product of its lists; a key left out
-    of a group takes its base value (drop 0, patch p0). The baseline (0, p0) always comes
-    first, as the reference of every speed-up.
-    """
+def grid_cells(text, p0):
+    """Cells (drop, patch) of the query view from a grid in schedule.parse_grid's form, e.g.
+    "drop=0.5,0.75,0.9; patch=32" (a union of two products); the baseline (0, p0) first, as
+    the reference of every speed-up."""
     cells = [(0.0, p0)]
-    for group in filter(None, (g.strip() for g in text.split(";"))):
-        values = {"drop": [0.0], "patch": [p0]}
-        for item in group.split():
-            key, eq, rhs = item.partition("=")
-            if key not in values or not eq:
-                raise ValueError(f"bad grid item {item!r} in {text!r}: expected drop=a,b,... "
-                                 "or patch=a,b,...")
-            try:
-                values[key] = [float(v) if key == "drop" else int(v) for v in rhs.split(",")]
-            except ValueError:
-                raise ValueError(f"bad number in grid item {item!r}") from None
-        for drop, patch in itertools.product(values["drop"], values["patch"]):
-            if not 0.0 <= drop < 1.0:
-                raise ValueError(f"drop {drop} in grid {text!r} must be in [0, 1)")
-            if patch < 1:
-                raise ValueError(f"patch {patch} in grid {text!r} must be ≥ 1")
-            if (drop, patch) not in cells:
-                cells.append((drop, patch))
+    for s in parse_grid(text, p0):
+        cell = (s.q.drop, s.q.patch_size or p0)
+        if cell not in cells:
+            cells.append(cell)
     return cells
 
 
@@ -102,7 +86,7 @@ def cell_name(drop, patch, p0):
 def n_tokens(model, img, drop, patch):
     """Sequence length the blocks see: class token + kept patch tokens (vit.ViT's rules)."""
     n = model.grid(img, patch) ** 2
-    return 1 + (max(1, round((1 - drop) * n)) if drop else n)
+    return 1 + vit.kept_tokens(n, drop)
 
 
 # ===================================================================== timing
@@ -172,7 +156,7 @@ def bench_step(args, device):
     model = vit.build_vit(args.model, img_size=args.img_size).to(device).train()
     p0 = model.patch_size
     grid = f"drop=0.5,0.75,0.9; patch={2 * p0}" if args.grid is None else args.grid
-    cells = parse_grid(grid, p0)
+    cells = grid_cells(grid, p0)
     images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     # one model and one optimizer for all cells: the weights' values do not change the
     # cost, and AdamW's state has the same size whatever the sequence length
@@ -259,7 +243,7 @@ def method_step(method, opt, views, strategy, device):
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = method(views, strategy, 0.5)
+            loss, _ = method(views[:strategy.views], strategy.q, strategy.k, 0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -294,9 +278,10 @@ def bench_methods(args, device):
             method = losses.build_method(name, backbone, **losses.head_sizes(name, backbone.dim))
             method = method.to(device).train()
             opt = make_adamw([p for p in method.parameters() if p.requires_grad])
-            recipes = data.build_views(name, img, colour="strong" if img <= 64 else "official")
+            recipes = augment.build_views(name, img, colour="strong" if img <= 64 else "official")
             views = [torch.randn(batch, 3, r.size, r.size, device=device) for r in recipes]
-            steps = {s: method_step(method, opt, views, st, device) for s, st in strategies.items()}
+            steps = {s: method_step(method, opt, views, st.resolve(len(views)), device)
+                     for s, st in strategies.items()}
             times = interleaved_times(steps, args.warmup, args.steps)
             loader = {kind: loader_rate(data.ViewDataset(base, recipes, batched=b), batch, 0,
                                         args.steps)
@@ -307,7 +292,7 @@ def bench_methods(args, device):
             cost = compress.CostModel(backbone)
             for s, st in strategies.items():
                 ips = batch / times[s]["total"]
-                flops = ips * cost.sample_units(name, st) * cost.base             # FLOP/s
+                flops = ips * cost.sample_units(name, st.resolve(len(views))) * cost.base  # FLOP/s
                 verdict = ["model-bound" if loader[k] >= ips else
                            f"loader-bound (≥{math.ceil(ips / loader[k])} workers)"
                            for k in ("per_image", "batched")]
@@ -381,8 +366,8 @@ def main(argv=None):
                          "2 CPU cores, ≈ 30 s idle); loader 64 at ≤ 64 px, else 16; methods 64 "
                          "for the cpu preset, else 8. Use 64–256 on a GPU")
     ap.add_argument("--grid", default=None,
-                    help='step: cells, e.g. "drop=0,0.5,0.75,0.9 patch=16,32" (product; groups '
-                         "separated by ';'); default: drop 0.5/0.75/0.9 at the base patch, "
+                    help='step: cells, e.g. "drop=0,0.5,0.75,0.9 patch=16,32" (schedule.parse_grid: '
+                         "a product; products separated by ';'); default: drop 0.5/0.75/0.9 at the base patch, "
                          "and 2× the base patch at drop 0")
     ap.add_argument("--steps", type=int, default=10,
                     help="timed rounds (the median is reported); loader: timed batches")
@@ -444,7 +429,7 @@ def main(argv=None):
         ap.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     if args.grid is not None:                   # check the grid before any timing starts
         try:
-            too_large = [p for _, p in parse_grid(args.grid, 1) if p > args.img_size]
+            too_large = [p for _, p in grid_cells(args.grid, 1) if p > args.img_size]
         except ValueError as e:
             ap.error(str(e))
         if too_large:

@@ -8,9 +8,9 @@ one; if the loader cannot match it, the cost model's speed-up never reaches the 
 ``python bench.py --section loader`` runs it; ``bench.py --section methods`` sets these rates
 beside each method's step rate.
 
-    import bench_loader, data
+    import augment, bench_loader, data
     base = bench_loader.loader_base(32, 3 * 64)
-    views = data.ViewDataset(base, data.build_views("simclr", 32, colour="strong"))
+    views = data.ViewDataset(base, augment.build_views("simclr", 32, colour="strong"))
     print(bench_loader.loader_rate(views, 64, workers=0, batches=2), "images/s")
 """
 import os
@@ -19,7 +19,10 @@ import time
 
 import torch
 
+import augment
 import data
+from embedded import TensorImages
+from imagefolder import ImageFolderDataset
 import imagecache
 
 
@@ -40,7 +43,7 @@ def loader_base(img_size, n):
     side = round(img_size * 8 / 7)
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    return data.TensorImages(images, torch.zeros(n, dtype=torch.long), ["noise"])
+    return TensorImages(images, torch.zeros(n, dtype=torch.long), ["noise"])
 
 
 def loader_rate(view_set, batch_size, workers, batches):
@@ -71,7 +74,7 @@ def bench_loader(args, device):
     """Augmentation throughput: per-image reference vs batched, per method, size and workers."""
     rows = []
     print(f"# loader: images/s of data.build_loader, {args.steps} timed batches after "
-          f"1 + 4·workers skipped; per-image data.augment vs data.augment_batch; "
+          f"1 + 4·workers skipped; per-image augment.augment vs augment.augment_batch; "
           f"one thread per loader process")
     print(f"{'size':>5} {'method':<8}{'batch':>6}{'workers':>8}{'per-image':>11}{'batched':>9}"
           f"{'speed-up':>10}")
@@ -82,7 +85,7 @@ def bench_loader(args, device):
         for name, (method, local) in LOADER_METHODS.items():
             if method not in args.methods:
                 continue
-            recipes = data.build_views(method, size, local_crops=local,
+            recipes = augment.build_views(method, size, local_crops=local,
                                        colour="strong" if size <= 64 else "official")
             for workers in args.workers:
                 rate = {kind: loader_rate(data.ViewDataset(base, recipes, seed=0, batched=b),
@@ -107,9 +110,9 @@ def bench_loader(args, device):
             folder = jpeg_folder(tmp, (1 + 4 * max(args.workers) + args.steps) * batch)
             imagecache.build_cache(folder, "train", os.path.join(tmp, "train.npy"),
                                    round(size * 8 / 7), log_every=0)
-            bases = dict(jpeg=data.ImageFolderDataset(folder, "train"),
+            bases = dict(jpeg=ImageFolderDataset(folder, "train"),
                          cache=imagecache.CachedImages(os.path.join(tmp, "train.npy")))
-            recipes = data.build_views("simclr", size)
+            recipes = augment.build_views("simclr", size)
             for workers in args.workers:
                 rate = {kind: loader_rate(data.ViewDataset(base, recipes), batch, workers,
                                           args.steps) for kind, base in bases.items()}

@@ -43,7 +43,7 @@ Usage::
     import vit
     s = Strategy.parse("q:drop=0.75")
     cost = CostModel(vit.build_vit("base"))
-    cost.sample_units("moco", s)          # 3·f(0.25 N)/f(N) + 1 ≈ 1.66 (symmetric: ×2)
+    cost.sample_units("moco", s.resolve(2))   # 3·f(0.25 N)/f(N) + 1 ≈ 1.66 (symmetric: ×2)
     # with the method's heads: CostModel(backbone, heads=method.cost_heads())
 
 ``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48); ``--heads``
@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from distributed import rank_world
-from vit import token_dropout  # noqa: F401  (re-exported: token dropout lives with the ViT)
+from vit import kept_tokens
 
 
 # =========================================================================== strategy
@@ -87,7 +87,7 @@ ROLES = ("q", "k")
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     """Compression per view role: q (online / student / first view), k (momentum / teacher),
-    and how many views a sample has (None: the run's own; losses.use_views keeps the first M)."""
+    and how many views a sample has (None: the run's own; ``resolve`` fills it in)."""
     q: ViewCompression = ViewCompression()
     k: ViewCompression = ViewCompression()
     views: int | None = None
@@ -150,6 +150,14 @@ class Strategy:
         parts += [f"views={self.views}"] if self.views is not None else []
         return ";".join(parts) or "none"
 
+    def resolve(self, views):
+        """The views rule: this strategy fully specified for a run of ``views`` views per
+        sample. A strategy that names no view count takes the run's; one that names M keeps
+        it (a step then uses the first M views of its batch, and DINO's M views are 2
+        global + M − 2 local crops: ``local_crops``). Training, the probe and the cost model
+        all go through here; a resolved strategy has ``views`` set."""
+        return self if self.views is not None else dataclasses.replace(self, views=views)
+
     def to_dict(self):
         return dataclasses.asdict(self)             # {"q": {...}, "k": {...}, "views": M or None}
 
@@ -159,6 +167,12 @@ class Strategy:
 
 
 NONE = Strategy()
+FULL = ViewCompression()                             # a view left as it is
+
+
+def local_crops(method, views):
+    """DINO's M views are its 2 global crops and M − 2 local crops; other methods have none."""
+    return views - 2 if method == "dino" else 0
 
 
 # ========================================================================= cost model
@@ -173,7 +187,7 @@ def forward_flops(model, img_size=None, patch_size=None, drop=0.0):
     img = model.img_size if img_size is None else img_size
     p = model.patch_size if patch_size is None else patch_size
     n = model.grid(img, p) ** 2                     # patches embedded (vit.ViT's resize rule)
-    L = 1 + (max(1, round((1 - drop) * n)) if drop else n)   # kept tokens + class token
+    L = 1 + kept_tokens(n, drop)                    # kept tokens + class token
     embed = 2 * n * (model.in_chans * p * p) * model.dim
     return embed + model.depth * block_flops(L, model.dim)
 
@@ -288,28 +302,25 @@ class CostModel:
         rel = self.forward_cost(img_size, vc.patch_size, vc.drop, head) / self.base
         return rel * (3.0 if grad else 1.0)
 
-    def sample_units(self, method, strategy=NONE, views=2, local_crops=0, local_size=None,
-                     symmetric=True):
-        """Units for one training sample of ``method`` under ``strategy`` with M views.
-
-        M = strategy.views when the strategy sets it, else ``views`` (the run's own); every
-        view is charged, so the price grows linearly with M.
+    def sample_units(self, method, strategy, local_size=None, symmetric=True):
+        """Units for one training sample of ``method`` under a resolved ``strategy``
+        (``Strategy.resolve``: M = strategy.views views); every view is charged, so the price
+        grows linearly with M.
         simclr, multiview:  every view carries gradient; views alternate roles q, k, q, k, ...
         moco:    symmetric — every view through the online encoder (q, gradient) and the
                  momentum encoder (k, no gradient): M·(q + k); one-directional — view 1
                  online only, views 2..M momentum only: q + (M − 1)·k.
-        dino:    each of the 2 global crops through the student (q) and teacher (k); each
-                 local crop through the student only, with q's drop at the base patch size.
-                 M views are 2 global + (M − 2) local crops: strategy.views = M overrides
-                 ``local_crops`` with M − 2 (``views`` itself is not used: DINO counts crops;
-                 give ``local_size`` whenever there are local crops).
+        dino:    each of the 2 global crops through the student (q) and teacher (k); each of
+                 the M − 2 local crops (``local_size`` px) through the student only, with q's
+                 drop at the base patch size.
         Uncompressed, without heads: SimCLR 6, MoCo-v3 8 (one-directional 4), DINO with 2
         global crops 8; with heads, each view adds h/f(L_base) × (3 or 1) of its branch's head.
         """
-        strategy = strategy or NONE
-        if strategy.views is not None:
-            views, local_crops = strategy.views, strategy.views - 2
-        if views < 2 and method != "dino":
+        views = strategy.views
+        if views is None:
+            raise ValueError(f"strategy {strategy} has no view count: resolve it first "
+                             "(Strategy.resolve(run's views))")
+        if views < 2:
             raise ValueError(f"views={views} must be ≥ 2")
         q = lambda grad: self.view_units(strategy.q, grad)       # noqa: E731
         k = lambda grad: self.view_units(strategy.k, grad)       # noqa: E731
@@ -322,7 +333,8 @@ class CostModel:
         if method == "dino":
             local = ViewCompression(drop=strategy.q.drop)
             size = local_size or self.model.img_size
-            return 2 * (q(True) + k(False)) + local_crops * self.view_units(local, True, size)
+            return (2 * (q(True) + k(False))
+                    + local_crops(method, views) * self.view_units(local, True, size))
         raise ValueError(f"unknown method {method!r}; allowed: simclr, moco, dino, multiview")
 
 
@@ -355,13 +367,14 @@ def main(argv=None):
                                      **losses.head_sizes(args.method, model.dim))
         heads = method.cost_heads()
     cost = CostModel(model, args.mode, heads=heads)
-    base = cost.sample_units(args.method)
+    base = cost.sample_units(args.method, NONE.resolve(2))
     print(f"sample cost in units (1 unit = 1 forward of uncompressed ViT-{args.model}), "
           f"{args.method}{' with heads' if args.heads else ''}, key view uncompressed; "
           f"baseline = {base:.2f}")
     print("patch \\ drop " + "".join(f"{d:>7.2f}" for d in DROP_GRID))
     for p in default_patch_grid(model.patch_size):
-        row = [cost.sample_units(args.method, Strategy(q=ViewCompression(d, p))) for d in DROP_GRID]
+        row = [cost.sample_units(args.method, Strategy(q=ViewCompression(d, p), views=2))
+               for d in DROP_GRID]
         print(f"{p:>12d} " + "".join(f"{u:>7.2f}" for u in row))
 
 

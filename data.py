@@ -8,35 +8,31 @@ number from a ``torch.Generator`` seeded by (seed, epoch, index), and ``Resumabl
 an epoch by (seed, epoch) alone, so a resumed run is bit-identical. The loader augments a whole
 batch at once (``augment_batch``), so compressed steps are not left waiting. ``EvalDataset``:
 the deterministic resize and centre crop of evaluation. The augmentations themselves live in
-augment.py; their names stay importable from here (``data.build_views``, ``data.ViewRecipe``, …).
+augment.py, image files in imagefolder.py.
 
 An image folder can be decoded once into a uint8 cache of squares (imagecache.py, ``python
 imagecache.py --data-root ROOT --out CACHE``), which ``build_dataset(..., cache=CACHE)`` then
 reads instead of the JPEGs.
 
-    from data import EmbeddedShapes, build_views, ViewDataset, ResumableSampler, build_loader
+    from augment import build_views
+    from data import EmbeddedShapes, ViewDataset, ResumableSampler, build_loader
     views = ViewDataset(EmbeddedShapes("train", size=512), build_views("simclr", 32), seed=0)
     loader = build_loader(views, 64, ResumableSampler(len(views), batch_size=64))
     (x1, x2), labels = next(iter(loader))     # x1, x2: (64, 3, 32, 32), normalised floats
 """
 import os
-import warnings
 
-import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-# The view augmentations (augment.py) are re-exported: train.py, schedule.py, bench.py and the
-# tests call data.build_views, data.ViewRecipe, data.augment, data.MEAN, ... as before the split.
-from augment import (COLOUR_PRESETS, MEAN, METHODS, STD, ViewParams, ViewRecipe,  # noqa: F401
-                     augment, augment_batch, blur_size, build_views, draw_params, resized_crops,
-                     recipe_settings)
-from embedded import SHAPES, EmbeddedShapes, TensorImages, mix_seed as _mix  # noqa: F401
+from augment import MEAN, STD, augment, augment_batch, draw_params
+from embedded import EmbeddedShapes, TensorImages, mix_seed
+from imagecache import open_cache
+from imagefolder import ImageFolderDataset
 
 DATASETS = ("embedded", "cifar10", "cifar100", "stl10", "folder")
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ===== torchvision datasets and image folders =====
@@ -65,71 +61,6 @@ def _torchvision_dataset(name, root, split, download):
     return TensorImages(images, torch.as_tensor(labels).long(), ds.classes)
 
 
-def _decode(path):
-    """Any image file → uint8 RGB (3, H, W). torchvision decodes JPEG/PNG/WebP/GIF, PIL the
-    rest (BMP, TIFF). Grayscale, RGBA and palette images become RGB; 16-bit images are
-    rescaled (v >> 8, so 65535 → 255), never wrapped modulo 256."""
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 warns on every call that its decoders
-            warnings.filterwarnings("ignore", message=".*decoding .* deprecated")  # are deprecated
-            img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:
-        from PIL import Image
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-            if arr.dtype == np.uint16 and arr.ndim == 2:                    # 16-bit grayscale
-                img = torch.from_numpy(arr.astype(np.int32)).to(torch.uint16).expand(3, -1, -1)
-            else:
-                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    return F.to_dtype(img, torch.uint8, scale=True).contiguous()
-
-
-class ImageFolderDataset(Dataset):
-    """``root/split/CLASS/*.jpg`` (the ImageNet-100 layout). Classes are the sorted subfolder
-    names; files are matched by extension (case-insensitive) and decoded lazily.
-
-    A file that fails to decode (truncated, corrupt) does not stop training: one bad JPEG among
-    130k should not kill a multi-day run. Nor is it silent: a warning names the file, its path
-    joins ``bad_files`` (per process: each loader worker keeps its own set), and the next
-    decodable index (i+1) % n is returned in its place."""
-
-    def __init__(self, root, split="train"):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder root '{root}' does not exist")
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"no '{split}/' folder under '{root}', which holds "
-                                    f"{sorted(os.listdir(root))}; expected {split}/CLASS/images")
-        self.classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"'{folder}' has no class subfolders; expected CLASS/images")
-        self.samples, self.bad_files = [], set()
-        for label, c in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(folder, c))
-                           if f.lower().endswith(IMG_EXTENSIONS))
-            if not files:
-                raise FileNotFoundError(f"class folder '{os.path.join(folder, c)}' has no images "
-                                        f"(extensions {', '.join(IMG_EXTENSIONS)})")
-            self.samples += [(os.path.join(folder, c, f), label) for f in files]
-        self.labels = torch.tensor([label for _, label in self.samples])
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        for k in range(len(self.samples)):
-            path, label = self.samples[(i + k) % len(self.samples)]
-            if path in self.bad_files:
-                continue
-            try:
-                return _decode(path), label
-            except Exception as e:
-                self.bad_files.add(path)
-                warnings.warn(f"unreadable image '{path}' ({type(e).__name__}: {e}); "
-                              f"substituting the next one")
-        raise RuntimeError(f"none of the {len(self.samples)} images of the folder can be decoded")
-
-
 def build_dataset(name, root=None, split="train", img_size=32, download=False, seed=0, size=None,
                   cache=None):
     """Dataset by name; items are (uint8 (3, H, W), int). ``img_size`` and ``seed`` only shape
@@ -151,9 +82,6 @@ def build_dataset(name, root=None, split="train", img_size=32, download=False, s
     if name in ("cifar10", "cifar100", "stl10"):
         ds = _torchvision_dataset(name, root, split, download)
     elif name == "folder" and cache is not None:
-        # imagecache imports data (_decode, ImageFolderDataset), so data imports it here, when a
-        # cache is asked for, and not at the top: no import cycle.
-        from imagecache import open_cache
         ds = open_cache(cache, root, split, img_size)
     elif name == "folder":
         if root is None:
@@ -176,7 +104,7 @@ def build_dataset(name, root=None, split="train", img_size=32, download=False, s
 
 class ViewDataset(Dataset):
     """A base dataset seen through view recipes: item i is ([view tensors], label). Its
-    generator in epoch e is seeded by _mix(seed, e, i), so the views depend on nothing else:
+    generator in epoch e is seeded by mix_seed(seed, e, i), so the views depend on nothing else:
     not on worker count, order or batch, nor on the global RNG, and a resumed run replays them.
     The epoch lives in shared memory, so ``set_epoch`` reaches persistent loader workers too.
 
@@ -198,7 +126,7 @@ class ViewDataset(Dataset):
         return len(self.base)
 
     def _generator(self, i):
-        return torch.Generator().manual_seed(_mix(self.seed, int(self._epoch), i))
+        return torch.Generator().manual_seed(mix_seed(self.seed, int(self._epoch), i))
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]

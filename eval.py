@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import vit
-from checkpoint import check_state_dict, load_backbone  # noqa: F401  (part of eval's API)
+from checkpoint import load_backbone
+from run import weight_decay_groups
+from schedule import learning_rate
 
 
 # ============================================================================== features
@@ -166,7 +168,7 @@ def _train_linear(x, y, num_classes, epochs, lr, weight_decay, batch_size, seed)
             order = torch.randperm(len(x), generator=g).to(x.device)
         idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
         for group in opt.param_groups:                                # cosine from lr to 0
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            group["lr"] = learning_rate(step / total, lr, warmup=0.0)
         loss = F.cross_entropy(layer(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,10 +246,8 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
     head = nn.Linear(encoder.dim, num_classes).to(device)
     nn.init.zeros_(head.weight)                # zero head: the first steps do not disturb the
     nn.init.zeros_(head.bias)                  # pre-trained features with random gradients
-    named = [(n, p) for m in (encoder, head) for n, p in m.named_parameters()]
-    no_wd = lambda n, p: p.ndim < 2 or n in ("cls_token", "pos_embed")  # biases, norms, tokens
-    decay = [p for n, p in named if not no_wd(n, p)]
-    no_decay = [p for n, p in named if no_wd(n, p)]
+    decay, no_decay = weight_decay_groups(nn.ModuleDict(dict(encoder=encoder, head=head)),
+                                          exempt_1d=True, exempt_tokens=True)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -256,10 +256,8 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
     step = 0
     for _ in range(epochs):
         for images, labels in loader:
-            t = (step + 1) / warm if step < warm else \
-                0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-            for group in opt.param_groups:
-                group["lr"] = lr * t
+            for group in opt.param_groups:                  # warm-up, then cosine to 0
+                group["lr"] = learning_rate((step + 1) / total, lr, warmup=warm / total)
             images, labels = images.to(device), torch.as_tensor(labels).to(device)
             if augment:
                 images = _augment(images, g)

@@ -2,7 +2,7 @@
 
 Concern: the experiments of the paper (Figs. 1, 3–8; Table 2) and the second paper's views
 question, run with several seeds and reported as mean and range. Every number comes from
-train.py / eval.py / schedule.py runs started here; nothing is computed any other way. Runs
+train.py / eval.py / probe.py / schedule.py runs started here; nothing is computed any other way. Runs
 go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
 equally.
 
@@ -256,12 +256,13 @@ def fig_cost(args):
     heads = losses.build_method(name, model, **losses.head_sizes(name, model.dim)).cost_heads()
     models = {mode: compress.CostModel(model, mode, heads=heads, reps=args.reps)
               for mode in ("flops", "measured")}
-    base = {mode: c.sample_units(name) for mode, c in models.items()}
+    base = {mode: c.sample_units(name, compress.NONE.resolve(2)) for mode, c in models.items()}
     rows, results = [], []
     for p in patches:
         row = [p]
         for d in drops:
-            s = compress.Strategy(q=compress.ViewCompression(d, None if p == model.patch_size else p))
+            s = compress.Strategy(q=compress.ViewCompression(d, None if p == model.patch_size
+                                                              else p), views=2)
             f, m = (models[k].sample_units(name, s) / base[k] for k in ("flops", "measured"))
             results.append(dict(drop=d, patch=p, flops=f, measured=m))
             row.append(f"{f:.2f} ({m:.2f})")
@@ -304,14 +305,14 @@ def fig_constant(args):
 
 
 def probe_and_build(args, base_out):
-    """Fig. 4 and the paper's offline schedule (§5): schedule.py probe at the baseline's stage
+    """Fig. 4 and the paper's offline schedule (§5): probe.py at the baseline's stage
     checkpoints (heatmaps per stage), then build = argmin CA-MSE per stage. Returns the
     schedule's path and the probes' cost in units."""
     probes, units = [], 0.0
     for pct in PROBE_AT:
         out = os.path.join(args.folder, f"probe_{pct}.json")
         if args.fresh or not os.path.isfile(out):
-            subprocess.run([sys.executable, os.path.join(ROOT, "schedule.py"), "probe", "--ckpt",
+            subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "--ckpt",
                             os.path.join(base_out, f"ckpt_{pct}.pt"), "--grid", PROBE_GRID,
                             "--out", out], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         with open(out) as f:

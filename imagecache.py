@@ -31,7 +31,7 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
 
 # data imports this module only inside build_dataset (lazily), so this is no import cycle.
-from data import ImageFolderDataset, _decode
+from imagefolder import ImageFolderDataset, decode
 
 
 # ===== the decode-once cache: an image folder as one uint8 array of S × S squares =====
@@ -64,7 +64,7 @@ def _square_file(job):
     that cannot be decoded. A module-level function, so a multiprocessing Pool can run it."""
     path, size = job
     try:
-        return square(_decode(path), size).numpy(), None
+        return square(decode(path), size).numpy(), None
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 

@@ -3,9 +3,11 @@
 Concern: turning the features of a sample's views into one scalar loss (paper §3, the three
 augmentation-invariance methods it accelerates; §6 for the recipes; and the multi-view,
 small-projector loss of the second paper, arXiv 2312.10725). The backbone and the sequence
-compression of each view are given: ``strategy.q`` compresses the online / student / first
-view (it carries gradient), ``strategy.k`` the momentum / teacher / second view, and
-``strategy.views = M`` keeps only the first M views of the batch (compress.py; ``use_views``).
+compression of each view are given: ``q`` (a compress.ViewCompression) compresses the
+online / student / first view (it carries gradient), ``k`` the momentum / teacher / second
+view; ``views`` is the list of views the step uses (train.py cuts a batch to the strategy's
+M views; compress.Strategy.resolve). The statistics a method returns stay on the device:
+the caller reads them at its log interval, so a step never waits for the GPU.
 Every loss is computed for the LOCAL batch against candidates gathered from ALL ranks, so that
 under DDP (which averages gradients over ranks) one step on W processes equals one step of a
 single process on the concatenated batch.
@@ -20,19 +22,19 @@ Usage::
     import torch; from vit import ViT; from losses import build_method
     method = build_method("moco", ViT(img_size=16, patch_size=4, dim=32, depth=2, heads=2),
                           proj_dim=16, hidden_dim=64)
-    loss, logs = method([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], progress=0.0)
+    loss, stats = method([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], progress=0.0)
     loss.backward(); method.update_target(progress=0.0)     # after optimizer.step() in train.py
 """
 import copy
-import math
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import rank_world, all_reduce_mean, gather_no_grad, gather_with_grad  # noqa: F401
+from compress import FULL, ViewCompression
 from heads import DINOHead, float32, mlp
+from schedule import momentum_schedule, teacher_temperature
 
 
 # ============================================================================ losses
@@ -187,24 +189,6 @@ def update_center(center, teacher_out, momentum=0.9):
     return center
 
 
-def teacher_temperature(progress, warmup_temp=0.04, final_temp=0.04, warmup_frac=0.0):
-    """DINO's τ_t: linear from warmup_temp to final_temp over the first warmup_frac of the
-    budget, then constant. The official defaults are a constant 0.04 (warm-up 0); its ViT-S
-    recipe warms 0.04 → 0.07 over the first 30 of 100 epochs (warmup_frac 0.3). DINO's help
-    text warns that above 0.07 training is unstable; a lower τ_t sharpens the targets."""
-    progress = min(max(progress, 0.0), 1.0)     # the last step may overshoot the budget a little
-    if progress >= warmup_frac:
-        return final_temp
-    return warmup_temp + (final_temp - warmup_temp) * progress / warmup_frac
-
-
-def momentum_schedule(progress, base=0.99):
-    """EMA momentum m = 1 − (1 − base)·(cos(π·progress) + 1)/2: base at the start, 1 at the end
-    (MoCo-v3, BYOL and DINO: the target slows down as training converges)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
-
-
 @torch.no_grad()
 def ema_update(target, online, m):
     """θ_target ← m·θ_target + (1−m)·θ_online, parameter by parameter; buffers (BN running
@@ -215,12 +199,8 @@ def ema_update(target, online, m):
 
 # =========================================================================== methods
 def _enc(encoder, x, vc):
-    """Encode x with the view compression vc (anything with .drop, .patch_size; None = none)."""
-    return encoder(x) if vc is None else encoder(x, patch_size=vc.patch_size, drop=vc.drop)
-
-
-def _roles(strategy):
-    return (None, None) if strategy is None else (strategy.q, strategy.k)
+    """Encode x under the view compression vc (compress.ViewCompression)."""
+    return encoder(x, patch_size=vc.patch_size, drop=vc.drop)
 
 
 def _check_views(views, least):
@@ -228,31 +208,12 @@ def _check_views(views, least):
         raise ValueError(f"got {len(views)} views; this method needs at least {least}")
 
 
-def use_views(views, strategy):
-    """The views a step uses: the first M = strategy.views of the batch, all when it is None.
-
-    train.py and the probe load batches with the most views any strategy asks for, and a
-    stage with fewer views uses a prefix. The recipes put DINO's two global crops first, so
-    the prefix is the 2 global crops + the first M − 2 local crops, as compress.py charges.
-    """
-    m = getattr(strategy, "views", None)
-    if m is None:
-        return list(views)
-    if m > len(views):
-        raise ValueError(f"the strategy asks for views={m} but the batch holds {len(views)}; "
-                         f"build the view recipes with at least {m} views (for DINO: 2 global "
-                         f"+ {m - 2} local crops)")
-    return list(views[:m])
-
-
-def _project_views(backbone, projector, views, strategy):
+def _project_views(backbone, projector, views, q, k):
     """Every view through backbone and projector, all carrying gradient (SimCLR, multi-view):
-    view i compressed with strategy.q for even i and strategy.k for odd i, as compress.py
-    charges them. One projector call on all views, as SimCLR does: BN statistics over the M·N
-    rows. → list of M (N, proj) tensors."""
-    views = use_views(views, strategy)
+    view i compressed with q for even i and k for odd i, as compress.py charges them. One
+    projector call on all views, as SimCLR does: BN statistics over the M·N rows.
+    → list of M (N, proj) tensors."""
     _check_views(views, 2)
-    q, k = _roles(strategy)
     h = [_enc(backbone, v, q if i % 2 == 0 else k) for i, v in enumerate(views)]   # M × (N, D)
     return list(projector(torch.cat(h)).split([v.shape[0] for v in views]))
 
@@ -264,7 +225,7 @@ class _Encoder(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, x, vc=None):
+    def forward(self, x, vc=FULL):
         return self.head(_enc(self.backbone, x, vc))
 
 
@@ -277,7 +238,7 @@ def _frozen_copy(module):
 class SimCLR(nn.Module):
     """SimCLR: backbone → projector → NT-Xent. Every view carries gradient.
 
-    View i is compressed with strategy.q for even i and strategy.k for odd i (compress.py's
+    View i is compressed with q for even i and k for odd i (compress.py's
     cost model counts the same way: M views cost Σ_i 3·f(L_i)/f(L_0) units). With M views the
     loss is the multi-positive NT-Xent (``nt_xent_multi``): each of the M·N rows has the M−1
     other views of its image as positives and every other row of the M·N_g as candidates in
@@ -289,10 +250,10 @@ class SimCLR(nn.Module):
         self.backbone, self.temperature = backbone, temperature
         self.projector = mlp(backbone.dim, hidden_dim, proj_dim, layers=2)  # SimCLR: 1 hidden
 
-    def forward(self, views, strategy=None, progress=0.0):
-        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, proj)
+    def forward(self, views, q=FULL, k=FULL, progress=0.0):
+        z = _project_views(self.backbone, self.projector, views, q, k)   # M × (N, proj)
         loss = nt_xent_multi(z, self.temperature)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
     def cost_heads(self):
         """(head after an online view, head after a target view), for compress.CostModel."""
@@ -305,8 +266,8 @@ class SimCLR(nn.Module):
 class MoCoV3(nn.Module):
     """MoCo-v3: online backbone → projector → predictor; momentum backbone → projector (EMA).
 
-    symmetric=True (official): every view is a query (online, strategy.q) and a key (momentum,
-    strategy.k); the loss is ctr(q1, k2) + ctr(q2, k1). symmetric=False: view 1 is only a query
+    symmetric=True (official): every view is a query (online, compressed by q) and a key
+    (momentum, by k); the loss is ctr(q1, k2) + ctr(q2, k1). symmetric=False: view 1 is only a query
     and view 2 only a key, loss = ctr(q1, k2), half the cost. With M views: queries × keys over
     all pairs i ≠ j, mean over pairs × (2 if symmetric else 1): the above when M = 2. Symmetric,
     every view is encoded once online and once by the momentum encoder (M·(3 + 1) units);
@@ -324,21 +285,19 @@ class MoCoV3(nn.Module):
         # deliberately asymmetric, and the predictor is trained only through the queries.
         self.momentum_encoder = _frozen_copy(_Encoder(backbone, self.projector))
 
-    def forward(self, views, strategy=None, progress=0.0):
-        views = use_views(views, strategy)
+    def forward(self, views, q=FULL, k=FULL, progress=0.0):
         _check_views(views, 2)
-        q_vc, k_vc = _roles(strategy)
         m = len(views)
         queries = range(m) if self.symmetric else [0]
         keys = range(m) if self.symmetric else range(1, m)
-        q = {i: self.predictor(self.projector(_enc(self.backbone, views[i], q_vc)))
-             for i in queries}                                        # (N, proj) each
+        z_q = {i: self.predictor(self.projector(_enc(self.backbone, views[i], q)))
+               for i in queries}                                      # (N, proj) each
         with torch.no_grad():
-            k = {j: self.momentum_encoder(views[j], k_vc) for j in keys}   # (N, proj) each
+            z_k = {j: self.momentum_encoder(views[j], k) for j in keys}   # (N, proj) each
         pairs = [(i, j) for i in queries for j in keys if i != j]
-        loss = sum(moco_v3_loss(q[i], k[j], self.temperature) for i, j in pairs) / len(pairs)
+        loss = sum(moco_v3_loss(z_q[i], z_k[j], self.temperature) for i, j in pairs) / len(pairs)
         loss = loss * (2 if self.symmetric else 1)
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
     def cost_heads(self):
         """(head after an online view, head after a target view), for compress.CostModel."""
@@ -357,12 +316,11 @@ class MoCoV3(nn.Module):
 class DINO(nn.Module):
     """DINO: student backbone → DINOHead; teacher = EMA copy; centred, sharpened teacher targets.
 
-    views[0:2] are the global crops: student with strategy.q, teacher with strategy.k. Any
+    views[0:2] are the global crops: student compressed by q, teacher by k. Any
     further views are local crops, student only, with q's drop but the base patch size: a local
     crop is already a short sequence (96 px at p=16 is 36 tokens), so patch scaling would leave
     almost nothing. Crops of equal shape share one backbone call (as DINO groups by resolution).
-    M views are 2 global + (M − 2) local crops (strategy.views = M keeps the first M − 2 local
-    ones); the loss averages H over the 2·(M − 1) (teacher crop, other student crop) pairs.
+    M views are 2 global + (M − 2) local crops (compress.local_crops); the loss averages H over the 2·(M − 1) (teacher crop, other student crop) pairs.
     """
 
     def __init__(self, backbone, out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
@@ -389,19 +347,16 @@ class DINO(nn.Module):
             i = j
         return out
 
-    def forward(self, views, strategy=None, progress=0.0):
-        views = use_views(views, strategy)
+    def forward(self, views, q=FULL, k=FULL, progress=0.0):
         _check_views(views, 2)
-        q_vc, k_vc = _roles(strategy)
-        local_vc = None if q_vc is None else types.SimpleNamespace(drop=q_vc.drop,
-                                                                   patch_size=None)
-        student = self._student(views[:2], q_vc) + self._student(views[2:], local_vc)
+        local = ViewCompression(drop=q.drop)          # local crops: q's drop at the base patch
+        student = self._student(views[:2], q) + self._student(views[2:], local)
         with torch.no_grad():
-            teacher = self.teacher(torch.cat(views[:2]), k_vc).chunk(2)   # 2 × (N, K)
+            teacher = self.teacher(torch.cat(views[:2]), k).chunk(2)   # 2 × (N, K)
         temp = teacher_temperature(progress, *self.teacher_temps)
         loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
         update_center(self.center, teacher, self.center_momentum)     # after the loss, as DINO
-        return loss, {"loss": loss.item(), "teacher_temp": temp}
+        return loss, {"loss": loss.detach(), "teacher_temp": temp}
 
     def cost_heads(self):
         """(head after a student crop, head after a teacher crop), for compress.CostModel."""
@@ -427,8 +382,8 @@ class DINO(nn.Module):
 class MultiView(nn.Module):
     """Many cheap views, small projector (arXiv 2312.10725): backbone → MLP → ``multiview_loss``.
 
-    Every view carries gradient; view i is compressed with strategy.q for even i and strategy.k
-    for odd i, as in SimCLR (and charged the same by compress.py). The projector is the
+    Every view carries gradient; view i is compressed with q for even i and k for odd i, as
+    in SimCLR (and charged the same by compress.py). The projector is the
     authors': Linear(D → d) → BN → ReLU → Linear(d → d), hidden width = output width d, small
     (128 at most, and no wider than the batch: a d × d correlation from fewer than d rows is
     rank-deficient, and its off-diagonal term could not reach 0), with λ = 0.04. All views go
@@ -440,10 +395,10 @@ class MultiView(nn.Module):
         self.backbone, self.lambd = backbone, lambd
         self.projector = mlp(backbone.dim, proj_dim, proj_dim, layers=2, last_bn=False)
 
-    def forward(self, views, strategy=None, progress=0.0):
-        z = _project_views(self.backbone, self.projector, views, strategy)   # M × (N, d)
+    def forward(self, views, q=FULL, k=FULL, progress=0.0):
+        z = _project_views(self.backbone, self.projector, views, q, k)   # M × (N, d)
         loss, on, off = multiview_loss(z, self.lambd)
-        return loss, {"loss": loss.item(), "on_diag": on.item(), "off_diag": off.item()}
+        return loss, {"loss": loss.detach(), "on_diag": on.detach(), "off_diag": off.detach()}
 
     def cost_heads(self):
         """(head after an online view, head after a target view), for compress.CostModel."""

@@ -231,7 +231,7 @@ def _add_recipe_flags(ap):
 
 
 def _add_output_flags(ap):
-    """Where a run writes, how often, on what device; test-only fault injection."""
+    """Where a run writes, how often, on what device."""
     ap.add_argument("--out", default=None, help="run folder; default runs/<method>")
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/last.pt if it exists (else start fresh: safe for "
@@ -261,11 +261,6 @@ def _add_output_flags(ap):
     ap.add_argument("--data-size", type=int, default=None,
                     help="use only this many training images (and a quarter as many validation "
                          "images): quick runs and tests")
-    # Fault injection for tests/test_resume.py, test_distributed.py and test_bad_input.py only:
-    # "crash@N" kills the last rank at the start of step N of a run that did not resume (as a
-    # preempted or failed worker would die); "nan-loss@N" makes the loss of step N NaN on the
-    # last rank; "nan-grad@N" makes a gradient of step N NaN (weights turn NaN, loss still finite).
-    ap.add_argument("--test-fault", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser():
@@ -341,13 +336,6 @@ def _check_run(args, ap):
         ap.error(f"--seed {args.seed} must be < 2**32")
     if not args.log_every >= 0:
         ap.error(f"--log-every {args.log_every} must be ≥ 0 seconds")
-    args.fault = None
-    if args.test_fault:
-        kind, _, step = args.test_fault.partition("@")
-        if kind not in ("crash", "nan-loss", "nan-grad") or not step.isdigit():
-            ap.error(f"--test-fault {args.test_fault!r}: expected crash@N, nan-loss@N or "
-                     "nan-grad@N")
-        args.fault = (kind, int(step))
 
 
 def _check_recipe(args, ap):

@@ -2,7 +2,7 @@
 
 Concern: turning numbers that other files computed into the paper's plots: the k-NN curves of
 the speed-up (Fig. 1, figures.py compare), the sample cost over drop × patch (Fig. 3,
-figures.py cost), the gradient-error heatmaps (Fig. 4, schedule.py probe / build) and the
+figures.py cost), the gradient-error heatmaps (Fig. 4, probe.py and schedule.py build) and the
 learning-rate schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
 so nothing else needs it; without it a function prints a note and returns None (a table is
 always printed by the caller; a plot never stops a run). This file imports nothing of the

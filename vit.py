@@ -157,6 +157,11 @@ def sincos_pos_embed(grid, dim, base_grid=None, temperature=10000.0):
 
 
 # ====================================================================== token dropout
+def kept_tokens(n, drop):
+    """How many of n patch tokens token dropout keeps: round((1 − drop)·n), at least one."""
+    return max(1, round((1.0 - drop) * n))
+
+
 def token_dropout(x, drop):
     """Keep the class token and a random round((1−drop)·N) of the N patch tokens per sample.
 
@@ -169,7 +174,7 @@ def token_dropout(x, drop):
         return x
     B, L, D = x.shape
     n = L - 1
-    n_keep = max(1, round((1.0 - drop) * n))
+    n_keep = kept_tokens(n, drop)
     noise = torch.rand(B, n, device=x.device)
     keep = noise.argsort(dim=1)[:, :n_keep]                          # (B, n_keep)
     patches = torch.gather(x[:, 1:], 1, keep.unsqueeze(-1).expand(B, n_keep, D))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import compress
 import losses
 import vit
-from compress import CostModel, Strategy, ViewCompression
+from compress import NONE, CostModel, Strategy, ViewCompression
 
 
 # ====================================================================== strategy
@@ -92,8 +92,14 @@ def test_view_compression_rejects_out_of_range_values():
         Strategy.from_dict({"views": "4"})
 
 
-def test_token_dropout_is_the_one_in_vit():
-    assert compress.token_dropout is vit.token_dropout
+def test_the_cost_model_counts_the_tokens_that_token_dropout_keeps():
+    m = vit.ViT(img_size=28, patch_size=4, dim=8, depth=2, heads=2)        # 49 patch tokens
+    x = torch.zeros(2, 1 + 49, 8)
+    embed = compress.forward_flops(m) - m.depth * compress.block_flops(1 + 49, 8)
+    for drop in (0.25, 0.5, 0.9, 0.99):
+        kept = vit.token_dropout(x, drop).shape[1] - 1
+        assert kept == vit.kept_tokens(49, drop)
+        assert compress.forward_flops(m, drop=drop) == embed + m.depth * compress.block_flops(1 + kept, 8)
 
 
 # ==================================================================== cost model
@@ -108,11 +114,13 @@ def vit_base_cost():
 
 def test_uncompressed_sample_costs_match_the_paper(vit_base_cost):
     c = vit_base_cost
-    assert c.sample_units("moco") == 8                       # 2 views × (3 online + 1 momentum)
-    assert c.sample_units("moco", symmetric=False) == 4      # 3 + 1
-    assert c.sample_units("simclr") == 6                     # 2 views × 3
-    assert c.sample_units("dino") == 8                       # 2 globals × (3 + 1)
-    assert c.sample_units("dino", Strategy.parse("none")) == 8
+    two = NONE.resolve(2)
+    assert c.sample_units("moco", two) == 8                  # 2 views × (3 online + 1 momentum)
+    assert c.sample_units("moco", two, symmetric=False) == 4  # 3 + 1
+    assert c.sample_units("simclr", two) == 6                # 2 views × 3
+    assert c.sample_units("dino", two) == 8                  # 2 globals × (3 + 1)
+    with pytest.raises(ValueError, match="no view count: resolve it first"):
+        c.sample_units("dino", Strategy.parse("none"))       # the views rule is applied first
 
 
 @pytest.mark.parametrize("local_crops, local_size", [(2, 96), (6, 96), (10, 112)])
@@ -120,7 +128,7 @@ def test_each_dino_local_crop_adds_three_forwards_of_its_length(vit_base_cost, l
                                                                 local_size):
     c, m = vit_base_cost, vit_base_cost.model
     f_local = compress.forward_flops(m, img_size=local_size) / compress.forward_flops(m)
-    got = c.sample_units("dino", local_crops=local_crops, local_size=local_size)
+    got = c.sample_units("dino", NONE.resolve(2 + local_crops), local_size=local_size)
     assert got == pytest.approx(8 + local_crops * 3 * f_local, rel=1e-12)
     assert f_local < 0.25          # 6×6 (or 7×7) tokens against 14×14
 
@@ -128,8 +136,10 @@ def test_each_dino_local_crop_adds_three_forwards_of_its_length(vit_base_cost, l
 def test_asymmetric_dropout_compresses_only_the_query_view(vit_base_cost):
     c, m = vit_base_cost, vit_base_cost.model
     rel = compress.forward_flops(m, drop=0.75) / compress.forward_flops(m)
-    assert c.sample_units("moco", Strategy.parse("q:drop=0.75")) == pytest.approx(2 * (3 * rel + 1))
-    assert c.sample_units("simclr", Strategy.parse("qk:drop=0.75")) == pytest.approx(6 * rel)
+    assert c.sample_units("moco", Strategy.parse("q:drop=0.75").resolve(2)) == \
+        pytest.approx(2 * (3 * rel + 1))
+    assert c.sample_units("simclr", Strategy.parse("qk:drop=0.75").resolve(2)) == \
+        pytest.approx(6 * rel)
 
 
 @pytest.mark.parametrize("L, D", [(1, 8), (17, 64), (197, 192)])
@@ -206,10 +216,11 @@ def test_a_simclr_sample_pays_the_projector_after_every_view_with_gradient():
     c = CostModel(backbone, heads=simclr.cost_heads())
     f0, q, k = _f(backbone), _f(backbone, drop=0.5), _f(backbone, patch_size=8)
     assert c.base == f0                                     # the unit is the backbone alone
-    s = Strategy.parse("q:drop=0.5;k:patch=8")
+    s = Strategy.parse("q:drop=0.5;k:patch=8").resolve(2)
     assert c.sample_units("simclr", s) == pytest.approx(
         (3 * (q + projector) + 3 * (k + projector)) / f0, rel=1e-12)
-    assert c.sample_units("simclr") == pytest.approx(6 + 6 * projector / f0, rel=1e-12)
+    assert c.sample_units("simclr", NONE.resolve(2)) == pytest.approx(6 + 6 * projector / f0,
+                                                                      rel=1e-12)
 
 
 def test_a_moco_sample_pays_projector_and_predictor_online_and_the_projector_per_key():
@@ -220,17 +231,18 @@ def test_a_moco_sample_pays_projector_and_predictor_online_and_the_projector_per
     c = CostModel(backbone, heads=moco.cost_heads())
     assert (c.head_flops["online"], c.head_flops["target"]) == (18_432, 14_336) == (online, target)
     f0, q, k = _f(backbone), _f(backbone, patch_size=8, drop=0.9), _f(backbone, patch_size=8)
-    s = Strategy.parse("q:drop=0.9,patch=8;k:patch=8")
+    s, none = Strategy.parse("q:drop=0.9,patch=8;k:patch=8"), NONE.resolve(2)
     assert c.base == f0
-    assert c.sample_units("moco", s) == pytest.approx(
+    assert c.sample_units("moco", s.resolve(2)) == pytest.approx(
         2 * (3 * (q + online) + (k + target)) / f0, rel=1e-12)            # symmetric
-    assert c.sample_units("moco", s, views=3, symmetric=False) == pytest.approx(
+    assert c.sample_units("moco", s.resolve(3), symmetric=False) == pytest.approx(
         (3 * (q + online) + 2 * (k + target)) / f0, rel=1e-12)            # view 1 → views 2, 3
-    assert c.sample_units("moco") == pytest.approx(8 + 2 * (3 * online + target) / f0, rel=1e-12)
+    assert c.sample_units("moco", none) == pytest.approx(8 + 2 * (3 * online + target) / f0,
+                                                         rel=1e-12)
     # the heads do not shrink with the sequence: compression saves less than without them
     bare = CostModel(backbone)
-    assert c.sample_units("moco", s) / c.sample_units("moco") > \
-        bare.sample_units("moco", s) / bare.sample_units("moco")
+    assert c.sample_units("moco", s.resolve(2)) / c.sample_units("moco", none) > \
+        bare.sample_units("moco", s.resolve(2)) / bare.sample_units("moco", none)
 
 
 def test_a_dino_sample_pays_the_student_head_on_every_crop_and_the_teacher_head_on_globals():
@@ -241,11 +253,10 @@ def test_a_dino_sample_pays_the_student_head_on_every_crop_and_the_teacher_head_
     assert c.head_flops == {"online": head, "target": head}
     f0 = _f(backbone)
     g_q, g_k, local = _f(backbone, drop=0.5), f0, _f(backbone, img_size=16, drop=0.5)
-    s = Strategy.parse("q:drop=0.5")
+    s = Strategy.parse("q:drop=0.5").resolve(4)             # 4 views: 2 global + 2 local crops
     expected = (2 * (3 * (g_q + head) + (g_k + head))       # 2 global crops: student + teacher
                 + 2 * 3 * (local + head)) / f0               # 2 local crops: student only
-    assert c.sample_units("dino", s, local_crops=2, local_size=16) == pytest.approx(expected,
-                                                                                   rel=1e-12)
+    assert c.sample_units("dino", s, local_size=16) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
@@ -290,4 +301,4 @@ def test_bad_cost_mode_and_method_are_rejected(vit_base_cost):
     with pytest.raises(ValueError, match="'timed'.*flops, measured"):
         CostModel(vit_base_cost.model, mode="timed")
     with pytest.raises(ValueError, match="'byol'.*simclr"):
-        vit_base_cost.sample_units("byol")
+        vit_base_cost.sample_units("byol", NONE.resolve(2))

@@ -20,8 +20,11 @@ import data
 import imagecache
 from augment import (_brightness, _contrast, _gaussian_blur, _gray, _hue, _saturation,  # the ops
                      resized_crops)                                      # of augment_batch
-from data import (EmbeddedShapes, EvalDataset, ImageFolderDataset, ResumableSampler, ViewDataset,
-                  ViewRecipe, augment, build_dataset, build_loader, build_views, eval_transform)
+from augment import MEAN, STD, ViewRecipe, augment, build_views
+from data import (EvalDataset, ResumableSampler, ViewDataset, build_dataset, build_loader,
+                  eval_transform)
+from embedded import EmbeddedShapes
+from imagefolder import ImageFolderDataset, decode
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -208,7 +211,7 @@ def test_cifar_arrays_become_uint8_chw(monkeypatch):
 def test_eval_transform_resizes_and_centre_crops():
     t = eval_transform(32)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    mean, std = torch.tensor(data.MEAN)[:, None, None], torch.tensor(data.STD)[:, None, None]
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     assert torch.allclose(t(img), (img / 255 - mean) / std, atol=1e-6)  # 32² is only normalised
     assert t(torch.zeros(3, 4, 4, dtype=torch.uint8)).shape == (3, 32, 32)
     assert t(torch.zeros(3, 96, 120, dtype=torch.uint8)).shape == (3, 32, 32)
@@ -377,10 +380,10 @@ def test_the_cache_holds_every_readable_image_as_its_decoded_square(tmp_path):
     for i, (path, label) in enumerate(items):   # each: the file decoded, resized, centre-cropped
         img, y = cache[i]
         assert img.dtype == torch.uint8 and img.shape == (3, 12, 12) and y == label
-        assert torch.equal(img, imagecache.square(data._decode(path), 12)), path
+        assert torch.equal(img, imagecache.square(decode(path), 12)), path
     # the 20×24 JPEG: its shorter side becomes 12 (12×14), and its central 12 columns are kept
     i = [k for k, (p, _) in enumerate(items) if p.endswith("rgb.JPEG")][0]
-    assert torch.equal(cache[i][0], F.resize(data._decode(items[i][0]), [12])[..., 1:13])
+    assert torch.equal(cache[i][0], F.resize(decode(items[i][0]), [12])[..., 1:13])
     # on disk: exactly the N × 3 × S² bytes after the .npy header, nothing left behind
     assert np.load(tmp_path / "c" / "train.npy").shape == (7, 3, 12, 12)
     assert sorted(os.listdir(tmp_path / "c")) == ["train.json", "train.npy", "train_labels.npy"]

@@ -91,11 +91,10 @@ def _build(method, dtype):
 
 def _one_step(method, views, dtype, wrap=None):
     """Loss, gradients and the state after an SGD step + target update, as train.py steps."""
-    import compress
     model = _build(method, dtype)
     views = [v.to(dtype) for v in views]
     net = wrap(model) if wrap else model
-    loss, _ = net(views, compress.NONE, 0.3)
+    loss, _ = net(views, progress=0.3)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
@@ -110,10 +109,12 @@ def main(out_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    import augment
     import data
-    import losses
-    import train
+    import distributed
+    import embedded
     import vit
+    from checkpoint import seed_all
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     # One process on the whole batch, before the process group exists: the gathers are then
@@ -126,7 +127,7 @@ def main(out_path):
         shard = [v.chunk(WORLD)[rank] for v in _fixed_views(m)]    # rank r: images 4r..4r+3
         loss, grads, state = _one_step(
             m, shard, dtype, lambda net: DistributedDataParallel(net, broadcast_buffers=False))
-        loss = losses.all_reduce_mean(loss)      # the 1-process loss is the mean over ranks
+        loss = distributed.all_reduce_mean(loss)      # the 1-process loss is the mean over ranks
         if rank == 0:
             ref_loss, ref_grads, ref_state = reference[m, dtype]
             result[m][str(dtype)[6:]] = dict(
@@ -139,25 +140,25 @@ def main(out_path):
                                    for k in ref_state))
 
     # Per-rank token dropout: train.py seeds rank r with seed + r.
-    train.seed_all(0, rank)
+    seed_all(0, rank)
     x = torch.randn(4, 1 + 16, 8, generator=torch.Generator().manual_seed(2))
     kept = vit.token_dropout(x, 0.5)                                # (4, 1 + 8, 8)
-    train.seed_all(0, rank)
+    seed_all(0, rank)
     again = vit.token_dropout(x, 0.5)
-    everyone = losses.gather_no_grad(kept[None])                    # (2, 4, 9, 8)
+    everyone = distributed.gather_no_grad(kept[None])                    # (2, 4, 9, 8)
 
     # Per-rank data: the sampler gives ranks disjoint images; a view depends on the image only.
-    base = data.EmbeddedShapes("train", size=64, img_size=IMG)
-    views = data.ViewDataset(base, data.build_views("simclr", IMG), seed=0)
+    base = embedded.EmbeddedShapes("train", size=64, img_size=IMG)
+    views = data.ViewDataset(base, augment.build_views("simclr", IMG), seed=0)
     sampler = data.ResumableSampler(len(views), N // WORLD, seed=0, rank=rank, world_size=WORLD)
     loader = data.build_loader(views, N // WORLD, sampler)
     sampler.set_epoch(0)
     (v1, _), _ = next(iter(loader))
     mine = torch.tensor(list(sampler)[: N // WORLD])
-    indices = losses.gather_no_grad(mine)                           # (8,) rank 0's, then rank 1's
-    firsts = losses.gather_no_grad(v1[:1])                          # each rank's first view
+    indices = distributed.gather_no_grad(mine)                           # (8,) rank 0's, then rank 1's
+    firsts = distributed.gather_no_grad(v1[:1])                          # each rank's first view
     other = int(indices[(rank + 1) % WORLD * (N // WORLD)])         # the other rank's image
-    replays = losses.gather_no_grad(views[other][0][0][None])       # its view, made here
+    replays = distributed.gather_no_grad(views[other][0][0][None])       # its view, made here
     if rank == 0:
         result["dropout"] = dict(same_seed_same_subset=torch.equal(kept, again),
                                  ranks_differ=not torch.equal(everyone[0], everyone[1]))
@@ -194,28 +195,31 @@ PROBE_METHODS = ("simclr", "moco")
 
 
 def probe_main(out_path):
-    """schedule.probe of each method: one process on the global batch of N, then two on N/2
+    """probe.probe of each method: one process on the global batch of N, then two on N/2
     each, at the same seed and weights; patch scaling only (token dropout draws per rank)."""
     import torch.distributed as dist
 
+    import augment
     import compress
     import data
+    import embedded
     import losses
-    import schedule
+    import probe
     import vit
+    from schedule import parse_grid
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    views = _Float64Views(data.ViewDataset(data.EmbeddedShapes("train", size=64, img_size=IMG),
-                                           data.build_views("simclr", IMG), seed=0))
+    views = _Float64Views(data.ViewDataset(embedded.EmbeddedShapes("train", size=64, img_size=IMG),
+                                           augment.build_views("simclr", IMG), seed=0))
 
     def run(method, batch_size):
         torch.manual_seed(0)                     # identical weights in every process
         backbone = vit.ViT(img_size=IMG, patch_size=4, dim=32, depth=2, heads=2)
         model = losses.build_method(method, backbone,
                                     **losses.head_sizes(method, backbone.dim)).double()
-        return schedule.probe(model, views, schedule.parse_grid("patch=4,8", 4), method,
-                              compress.CostModel(backbone), batches=3, ref_batches=3,
-                              batch_size=batch_size, seed=5)
+        return probe.probe(model, views, parse_grid("patch=4,8", 4), method,
+                           compress.CostModel(backbone), batches=3, ref_batches=3,
+                           batch_size=batch_size, seed=5)
 
     one = {m: run(m, N) for m in PROBE_METHODS} if rank == 0 else None   # no process group yet
     dist.init_process_group("gloo")
@@ -290,8 +294,8 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint_and_changes_nothing(
             "--batch-size", "16", "--budget", "1.1k", "--eval-every", "0", "--log-every", "0",
             "--save-every", "1", "--save-every-steps", "2", "--deterministic", "--resume"]
     ref = torchrun(["train.py", *tiny, "--out", str(tmp_path / "ref")])      # both at once
-    run = torchrun(["train.py", *tiny, "--out", str(tmp_path / "run"), "--test-fault", "crash@6"],
-                   restarts=1)
+    run = torchrun([os.path.abspath(__file__), "--crash-at", "6", *tiny,
+                    "--out", str(tmp_path / "run")], restarts=1)
     finish(ref)
     out = finish(run)
     assert "resumed from" in out and "step 4," in out, out
@@ -346,6 +350,23 @@ def test_under_measured_costs_every_rank_charges_rank_0s_prices_and_stops_at_the
     assert a["steps"] == b["steps"] == ckpt["state"]["step"] > 10
 
 
+def crash_main(step, argv):
+    """train.main(argv), except that the last rank of a run that has no checkpoint yet dies
+    without a word at the start of step ``step`` (as a preempted or failed worker would)."""
+    import train
+    out = argv[argv.index("--out") + 1]
+    if int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1 and \
+            not os.path.exists(os.path.join(out, "last.pt")):
+        step_once = train.train_step
+
+        def dying_step(run, state, batch):
+            if state.step + 1 == step:
+                os._exit(3)
+            return step_once(run, state, batch)
+        train.train_step = dying_step
+    train.main(argv)
+
+
 def _tensors(tree, prefix=""):
     """Every tensor of a nested dict / list, by its path."""
     if isinstance(tree, torch.Tensor):
@@ -360,5 +381,7 @@ if __name__ == "__main__":
         probe_main(sys.argv[2])
     elif sys.argv[1] == "--train":
         train_main(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "--crash-at":
+        crash_main(int(sys.argv[2]), sys.argv[3:])
     else:
         main(sys.argv[1])

@@ -2,7 +2,6 @@
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E401,E702
 
 import math
-import types
 
 import pytest
 import torch
@@ -11,14 +10,10 @@ import torch.nn.functional as F
 
 from distributed import GlobalBatchNorm1d
 from heads import DINOHead, mlp
-from losses import (DINO, MoCoV3, SimCLR, build_method, dino_loss,
-                    gather_no_grad, gather_with_grad, all_reduce_mean, momentum_schedule,
-                    moco_v3_loss, nt_xent, teacher_temperature, update_center)
-
-
-def vc(drop=0.0, patch_size=None):
-    """A stand-in for compress.ViewCompression (anything with .drop and .patch_size)."""
-    return types.SimpleNamespace(drop=drop, patch_size=patch_size)
+from compress import ViewCompression as vc
+from distributed import all_reduce_mean, gather_no_grad, gather_with_grad
+from losses import DINO, MoCoV3, SimCLR, build_method, dino_loss, moco_v3_loss, nt_xent, update_center
+from schedule import momentum_schedule, teacher_temperature
 
 
 class TinyBackbone(nn.Module):
@@ -217,11 +212,11 @@ def test_moco_predictor_is_only_on_the_online_branch():
 def test_moco_roles_and_the_one_directional_loss_encodes_each_view_once():
     q, k = vc(drop=0.5), vc(patch_size=8)
     sym = MoCoV3(TinyBackbone(), proj_dim=8, hidden_dim=16)
-    sym([images(), images()], types.SimpleNamespace(q=q, k=k))
+    sym([images(), images()], q, k)
     assert sym.backbone.calls == [(None, 0.5, 8)] * 2                   # online: both views, role q
     assert sym.momentum_encoder.backbone.calls == [(8, 0.0, 8)] * 2     # momentum: both, role k
     one = MoCoV3(TinyBackbone(), proj_dim=8, hidden_dim=16, symmetric=False)
-    one([images(), images()], types.SimpleNamespace(q=q, k=k))          # 3 + 1 units, not 8
+    one([images(), images()], q, k)                                     # 3 + 1 units, not 8
     assert len(one.backbone.calls) == 1 and len(one.momentum_encoder.backbone.calls) == 1
 
 
@@ -261,8 +256,8 @@ def test_dino_forward_uses_the_old_centre_then_updates_it():
 
 def test_dino_roles_local_crops_keep_the_base_patch_size():
     method = DINO(TinyBackbone(), out_dim=12, hidden_dim=16, bottleneck_dim=4)
-    strategy = types.SimpleNamespace(q=vc(drop=0.5, patch_size=8), k=vc(patch_size=8))
-    method([images(), images(), images(size=4), images(size=4)], strategy)
+    method([images(), images(), images(size=4), images(size=4)], vc(drop=0.5, patch_size=8),
+           vc(patch_size=8))
     # globals batched in one call with q; both locals (same shape) in one call, q's drop only
     assert method.backbone.calls == [(8, 0.5, 8), (None, 0.5, 4)]
     assert method.teacher.backbone.calls == [(8, 0.0, 8)]
@@ -270,8 +265,7 @@ def test_dino_roles_local_crops_keep_the_base_patch_size():
 
 def test_simclr_views_alternate_roles_and_all_carry_gradient():
     method = SimCLR(TinyBackbone(), proj_dim=8, hidden_dim=16)
-    strategy = types.SimpleNamespace(q=vc(drop=0.25), k=vc(patch_size=2))
-    loss, _ = method([images(), images(), images()], strategy)
+    loss, _ = method([images(), images(), images()], vc(drop=0.25), vc(patch_size=2))
     assert method.backbone.calls == [(None, 0.25, 8), (2, 0.0, 8), (None, 0.25, 8)]
     loss.backward()
     assert method.backbone.proj.weight.grad.abs().sum() > 0
@@ -289,7 +283,7 @@ def test_one_training_step_is_finite_and_reaches_the_backbone(name, kwargs):
     method = build_method(name, TinyBackbone(), **kwargs)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
     loss, logs = method([images(), images()], progress=0.1)
-    assert torch.isfinite(loss) and logs["loss"] == pytest.approx(loss.item())
+    assert torch.isfinite(loss) and logs["loss"].item() == pytest.approx(loss.item())
     loss.backward()
     for p in method.backbone.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
@@ -311,7 +305,7 @@ def test_with_the_real_vit_if_present():
     vit = pytest.importorskip("vit")
     method = build_method("dino", vit.ViT(img_size=16, patch_size=4, dim=32, depth=2, heads=2),
                           out_dim=16, hidden_dim=32, bottleneck_dim=8)
-    strategy = types.SimpleNamespace(q=vc(drop=0.5), k=vc(patch_size=8))
-    loss, _ = method([torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)], strategy)
+    loss, _ = method([torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)], vc(drop=0.5),
+                     vc(patch_size=8))
     loss.backward()
     assert torch.isfinite(loss) and method.backbone.cls_token.grad is not None

@@ -1,5 +1,5 @@
 """Many cheap views and small projectors (issue 7): the multi-positive NT-Xent, the multi-view
-loss of arXiv 2312.10725, ``strategy.views`` in the methods, and a budget charged per view."""
+loss of arXiv 2312.10725, the views rule, and a budget charged per view."""
 import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E401,E702
 
 import math
@@ -14,7 +14,7 @@ import compress
 import vit
 from compress import CostModel, Strategy
 from losses import (DINO, SimCLR, build_method, head_sizes, method_kwargs, multiview_loss,
-                    nt_xent, nt_xent_multi, standardize, use_views)
+                    nt_xent, nt_xent_multi, standardize)
 
 
 from test_losses import TinyBackbone, images, vc  # noqa: E402  (the same stand-ins as there)
@@ -120,11 +120,10 @@ def test_the_loss_does_not_change_with_the_scale_of_a_projection():
 def test_multiview_gradients_reach_the_backbone_and_views_alternate_roles():
     torch.manual_seed(0)
     method = build_method("multiview", TinyBackbone(), proj_dim=8)
-    strategy = types.SimpleNamespace(q=vc(drop=0.25), k=vc(patch_size=2))
-    loss, logs = method([images(), images(), images()], strategy)
+    loss, logs = method([images(), images(), images()], vc(drop=0.25), vc(patch_size=2))
     assert method.backbone.calls == [(None, 0.25, 8), (2, 0.0, 8), (None, 0.25, 8)]
     assert set(logs) == {"loss", "on_diag", "off_diag"}
-    assert logs["loss"] == pytest.approx(logs["on_diag"] + logs["off_diag"])
+    assert logs["loss"].item() == pytest.approx((logs["on_diag"] + logs["off_diag"]).item())
     loss.backward()
     assert method.backbone.proj.weight.grad.abs().sum() > 0
     method.update_target(0.5)                                            # no-op
@@ -142,28 +141,18 @@ def test_the_multiview_projector_is_small_and_no_wider_than_the_batch():
         method_kwargs(types.SimpleNamespace(**{**vars(args), "proj_dim": 128}), 32)
 
 
-# ============================================================ strategy.views in the methods
-def test_use_views_keeps_the_first_m_views_and_names_a_shortfall():
-    vs = ["a", "b", "c", "d"]
-    assert use_views(vs, None) == vs and use_views(vs, Strategy()) == vs
-    assert use_views(vs, Strategy(views=3)) == ["a", "b", "c"]
-    with pytest.raises(ValueError, match="views=5 but the batch holds 4"):
-        use_views(vs, Strategy(views=5))
+# ================================================================== the views rule
+def test_the_views_rule_gives_a_strategy_the_runs_views_unless_it_names_its_own():
+    assert Strategy().resolve(3).views == 3 and Strategy(views=4).resolve(2).views == 4
+    s = Strategy.parse("q:drop=0.5")
+    assert s.resolve(2) == Strategy(s.q, s.k, views=2) and s.resolve(2).resolve(5).views == 2
+    assert compress.local_crops("dino", 6) == 4 and compress.local_crops("simclr", 6) == 0
 
 
-def test_a_strategy_with_fewer_views_is_the_method_on_those_views():
-    torch.manual_seed(0)
-    method = SimCLR(TinyBackbone(), proj_dim=8, hidden_dim=16)
-    views = [images(), images(), images(), images()]
-    loss3, _ = method(views, Strategy(views=3))
-    loss_ref, _ = method(views[:3])
-    torch.testing.assert_close(loss3, loss_ref)
-
-
-def test_dino_views_are_two_globals_and_the_first_local_crops():
+def test_dino_views_are_two_globals_then_the_local_crops():
     method = DINO(TinyBackbone(), out_dim=12, hidden_dim=16, bottleneck_dim=4)
     views = [images(), images()] + [images(size=4) for _ in range(4)]
-    method(views, Strategy(views=3))
+    method(views[:3])                                       # a 3-view step: one local crop
     assert method.backbone.calls == [(None, 0.0, 8), (None, 0.0, 4)]    # globals, one local call
     assert len(method.backbone.calls) == 2 and method.teacher.backbone.calls == [(None, 0.0, 8)]
 
@@ -182,20 +171,21 @@ def test_every_view_is_charged(cost, method):
     q, k = cost.view_units(s.q), cost.view_units(s.k)
     for m in (2, 3, 4, 8):
         expected = math.ceil(m / 2) * q + (m // 2) * k                 # roles q, k, q, k, ...
-        assert cost.sample_units(method, s, views=m) == pytest.approx(expected)
+        assert cost.sample_units(method, s.resolve(m)) == pytest.approx(expected)
         with_views = Strategy(s.q, s.k, views=m)
-        assert cost.sample_units(method, with_views, views=2) == pytest.approx(expected)
-    assert cost.sample_units(method, Strategy(views=6)) == pytest.approx(18)   # 6 × 3 units
+        assert cost.sample_units(method, with_views.resolve(2)) == pytest.approx(expected)
+    assert cost.sample_units(method, Strategy(views=6).resolve(2)) == pytest.approx(18)  # 6 × 3
 
 
 def test_moco_and_dino_charge_their_extra_views(cost):
-    assert cost.sample_units("moco", Strategy(views=4)) == 16                 # 4 × (3 + 1)
-    assert cost.sample_units("moco", Strategy(views=4), symmetric=False) == 6  # 3 + 3 × 1
+    four = Strategy(views=4).resolve(2)
+    assert cost.sample_units("moco", four) == 16                       # 4 × (3 + 1)
+    assert cost.sample_units("moco", four, symmetric=False) == 6       # 3 + 3 × 1
     local = cost.view_units(None, img_size=96)
-    # views = 6 is 2 globals + 4 local crops, whatever local_crops says
-    assert cost.sample_units("dino", Strategy(views=6), local_crops=10, local_size=96) == \
+    # views = 6 is 2 globals + 4 local crops
+    assert cost.sample_units("dino", Strategy(views=6).resolve(2), local_size=96) == \
         pytest.approx(8 + 4 * local)
-    assert cost.sample_units("dino", Strategy(views=2), local_crops=10) == 8
+    assert cost.sample_units("dino", compress.NONE.resolve(2)) == 8
 
 
 def test_compress_strategy_views_is_checked():

@@ -19,6 +19,7 @@ import losses  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
+from run import weight_decay_groups  # noqa: E402
 from schedule import cosine_between, learning_rate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,14 +70,14 @@ def test_weight_decay_groups_follow_each_official_code():
     backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
     dino = losses.build_method("dino", backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8)
     names = {id(p): n for n, p in dino.named_parameters()}
-    decay, exempt = train.weight_decay_groups(dino, "dino")
+    decay, exempt = weight_decay_groups(dino, exempt_1d=True)
     assert {names[id(p)] for p in exempt} == {n for n, p in dino.named_parameters()
                                              if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)}
     assert {"backbone.cls_token", "backbone.pos_embed", "head.last_layer.parametrizations.weight.original1"} \
         <= {names[id(p)] for p in decay}
     moco = losses.build_method("moco", vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2),
                                proj_dim=8, hidden_dim=16)
-    decay, exempt = train.weight_decay_groups(moco, "moco")
+    decay, exempt = weight_decay_groups(moco, exempt_1d=False)
     assert exempt == [] and len(decay) == sum(p.requires_grad for p in moco.parameters())
 
 

@@ -33,6 +33,11 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def units(cost, method, strategy):
+    """The price of one sample under a logged strategy (2 views unless it says otherwise)."""
+    return cost.sample_units(method, compress.Strategy.parse(strategy).resolve(2))
+
+
 def run_cost(out):
     """The cost model the run in ``out`` was priced by: its backbone and its method's heads."""
     import losses
@@ -72,7 +77,7 @@ def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path):
     for r in records:                        # --log-every 0 logs every step
         assert r["strategy"] == str(StageSchedule.load(sched).at(spent / 1500))
         used.add(r["strategy"])
-        spent += 16 * cost.sample_units("moco", compress.Strategy.parse(r["strategy"]))
+        spent += 16 * units(cost, "moco", r["strategy"])
         assert r["units"] == pytest.approx(spent)
     assert used == {"q:drop=0.75", "q:patch=8;k:patch=8"}  # the schedule switched
     assert spent >= 1500 and spent - 16 * 8 < 1500          # stopped at the first step past it
@@ -128,8 +133,8 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
          "0,0.5", "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8", *TINY])
     cost = run_cost(out)
     grid = ["none", "q:drop=0.75", "q:patch=8;k:patch=8", "q:drop=0.75,patch=8;k:patch=8"]
-    probe_units = 16 * 2 * (cost.sample_units("simclr") + sum(
-        cost.sample_units("simclr", compress.Strategy.parse(s)) for s in grid))
+    probe_units = 16 * 2 * (cost.sample_units("simclr", compress.NONE.resolve(2)) + sum(
+        cost.sample_units("simclr", compress.Strategy.parse(s).resolve(2)) for s in grid))
     spent, chosen, seen = 0.0, [], []
     for r in read_log(out):
         if "auto" in r:                          # a probe: logged with what it cost
@@ -141,7 +146,7 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
         elif "loss" in r:
             assert r["strategy"] == chosen[-1][1]   # the latest probe's choice is in force
             seen.append(r["strategy"])
-            spent += 16 * cost.sample_units("simclr", compress.Strategy.parse(r["strategy"]))
+            spent += 16 * units(cost, "simclr", r["strategy"])
             assert r["units"] == pytest.approx(spent)
     assert [c[0] for c in chosen][0] == 0 and len(chosen) == 2 and chosen[1][0] > 0
     ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
@@ -165,13 +170,13 @@ def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_pa
     for r in read_log(out):
         if "loss" in r:
             used.add(r["strategy"])
-            spent += 16 * cost.sample_units("simclr", compress.Strategy.parse(r["strategy"]))
+            spent += 16 * units(cost, "simclr", r["strategy"])
             assert r["units"] == pytest.approx(spent)
     assert used == {"views=2", "q:drop=0.5;k:drop=0.5;views=4"}
     # 4 views at drop 0.5 cost about what 2 full views cost (every view carries gradient)
     cost = compress.CostModel(vit.build_vit("cpu"))           # the backbone alone
     assert cost.sample_units("simclr", compress.Strategy.parse("views=4")) == pytest.approx(12)
-    assert cost.sample_units("simclr", compress.Strategy.parse("views=2")) == pytest.approx(6)
+    assert cost.sample_units("simclr", compress.NONE.resolve(2)) == pytest.approx(6)
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning")   # torchvision's encoders
