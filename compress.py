@@ -46,8 +46,8 @@ Usage::
     cost.sample_units("moco", s.resolve(2))   # 3·f(0.25 N)/f(N) + 1 ≈ 1.66 (symmetric: ×2)
     # with the method's heads: CostModel(backbone, heads=method.cost_heads())
 
-``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48); ``--heads``
-adds the method's heads.
+``python compress.py`` prints the paper's Fig. 3 grid (drop 0–0.9 × patch 16–48), backbone
+only; ``python figures.py cost --method M`` adds the method's heads and timed passes.
 """
 import argparse
 import dataclasses
@@ -58,6 +58,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from distributed import rank_world
+import vit
 from vit import kept_tokens
 
 
@@ -347,30 +348,20 @@ DROP_GRID = (0.0, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 
 
 def main(argv=None):
-    import vit
     ap = argparse.ArgumentParser(description="Sample cost over drop × patch (paper Fig. 3): "
-                                 "the query view is compressed, the key view is not.")
+                                 "the query view is compressed, the key view is not; the "
+                                 "backbone alone, as the paper's figure (figures.py cost "
+                                 "adds each method's heads and timed passes).")
     ap.add_argument("--model", default="base", help="ViT preset (the paper's figure uses base)")
     ap.add_argument("--method", default="moco", choices=["simclr", "moco", "dino", "multiview"])
     ap.add_argument("--mode", default="flops", choices=["flops", "measured"],
                     help="flops: analytic count; measured: timed forward passes (slow for base)")
-    ap.add_argument("--heads", action="store_true",
-                    help="count the method's heads too (projector, predictor, DINO head; "
-                         "losses.head_sizes), as train.py charges; the paper's figure is "
-                         "backbone only")
     args = ap.parse_args(argv)
     model = vit.build_vit(args.model)
-    heads = (None, None)
-    if args.heads:
-        import losses
-        method = losses.build_method(args.method, model,
-                                     **losses.head_sizes(args.method, model.dim))
-        heads = method.cost_heads()
-    cost = CostModel(model, args.mode, heads=heads)
+    cost = CostModel(model, args.mode)
     base = cost.sample_units(args.method, NONE.resolve(2))
     print(f"sample cost in units (1 unit = 1 forward of uncompressed ViT-{args.model}), "
-          f"{args.method}{' with heads' if args.heads else ''}, key view uncompressed; "
-          f"baseline = {base:.2f}")
+          f"{args.method}, key view uncompressed; baseline = {base:.2f}")
     print("patch \\ drop " + "".join(f"{d:>7.2f}" for d in DROP_GRID))
     for p in default_patch_grid(model.patch_size):
         row = [cost.sample_units(args.method, Strategy(q=ViewCompression(d, p), views=2))
