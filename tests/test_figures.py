@@ -103,3 +103,17 @@ def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatc
     assert figures.start_train(out, argv, 1, fresh=False) is None and len(started) == 1
     figures.start_train(out, [*argv, "--seed", "1"], 1, fresh=False)  # other settings: afresh
     assert "--resume" not in started[-1] and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bands_are_drawn_from_curves_of_several_seeds_or_skipped_without_matplotlib(tmp_path):
+    import plots
+    curves = {"baseline": [[(0, 0, 10.0), (50, 5, 20.0)], [(0, 0, 11.0), (50, 6, 22.0)]],
+              "patch": [[(0, 0, 10.0), (50, 4, 30.0)]]}                # one seed: a line alone
+    path = tmp_path / "bands.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plots.plot_bands(str(path), curves, "t") is None and not path.exists()
+        return
+    plots.plot_bands(str(path), curves, "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
