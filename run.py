@@ -54,6 +54,8 @@ class Run:
     sampler: data.ResumableSampler = None
     loader: object = None
     knn_sets: tuple = None              # (bank, val) EvalDatasets on rank 0
+    use_bf16: bool = False              # bf16 autocast (CUDA with bf16 support)
+    watch: torch.Tensor = None          # the first non-finite loss, noted on the device
 
     @property
     def master(self):
@@ -217,6 +219,8 @@ def build_training(run):
         run.knn_sets = (data.EvalDataset(run.train_base, run.backbone.img_size, subset=args.knn_bank),
                         data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)
+    run.use_bf16 = run.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    run.watch = torch.zeros(4, device=run.device)          # train.watch_loss
     run.model = run.method
     if run.world > 1:
         # Buffers (BN running stats, DINO centre) are computed from global-batch statistics

@@ -339,8 +339,6 @@ def start(argv):
         run = build_run(args, device, rank, world)
     except BadRun as e:
         parser.error(str(e))
-    run.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    run.watch = torch.zeros(4, device=device)        # the first non-finite loss (watch_loss)
     state = TrainState(prices=[args.batch_size * run.price(s) for _, s in run.accel.stages])
     if resume_path:
         ckpt = read_checkpoint(resume_path, args, None if args.accel == "auto" else run.accel)
