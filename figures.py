@@ -278,26 +278,32 @@ def fig_cost(args):
     plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, drops)
 
 
+def by_budget(args, variants, seeds):
+    """Each (name, extra flags) of ``variants`` at each budget of --budgets, with ``seeds``,
+    the first variant the reference; → (table rows, results) with final NN, LP and the NN
+    gain over the reference of the same budget and seed."""
+    groups = {(name, b): [spec(args, args.method, name, b, s, *extra) for s in seeds]
+              for b in args.budgets.split(",") for name, extra in variants}
+    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
+    reference = variants[0][0]
+    rows, results = [], {}
+    for (name, b), g in groups.items():
+        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
+        delta = [x - evals[o][0] for x, (o, _) in zip(nn, groups[reference, b])]
+        rows.append((b, name, read_run(g[0][0])["steps"], spread(nn), spread(lp),
+                     "" if name == reference else spread(delta)))
+        results[f"{name} {b}"] = dict(nn=summary(nn), lp=summary(lp),
+                                      nn_minus_reference=summary(delta))
+    return rows, results
+
+
 def fig_constant(args):
     """Fig. 7 / Table 2: baseline, constant dropout and constant patch scaling at several
     budgets (each budget its own run and learning-rate schedule); final NN and LP."""
-    seeds = args.seed_list[:args.constant_seeds]
-    groups = {}
-    for b in args.budgets.split(","):
-        for name, extra in (("baseline", []), ("drop", ["--accel", DROP]),
-                            ("patch", ["--accel", PATCH])):
-            groups[f"{name} {b}"] = [spec(args, args.method, name, b, s, *extra) for s in seeds]
-    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
-    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
-    rows, results = [], {}
-    for key, g in groups.items():
-        name, b = key.split()
-        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
-        base = [evals[o][0] for o, _ in groups[f"baseline {b}"]]
-        delta = [x - y for x, y in zip(nn, base)]
-        rows.append((b, name, read_run(g[0][0])["steps"], spread(nn), spread(lp),
-                     "" if name == "baseline" else spread(delta)))
-        results[key] = dict(nn=summary(nn), lp=summary(lp), nn_minus_baseline=summary(delta))
+    rows, results = by_budget(args, [("baseline", []), ("drop", ["--accel", DROP]),
+                                     ("patch", ["--accel", PATCH])],
+                              args.seed_list[:args.constant_seeds])
     text = (f"{args.method}: constant strategies ({DROP}, {PATCH}) against the baseline at "
             f"equal budgets ({describe(args)})\n\n"
             + table(["budget", "run", "steps", "NN %", "LP %", "NN − baseline"], rows))
@@ -358,27 +364,15 @@ def fig_compare(args):
 
 
 def fig_decay(args):
-    """Figs. 5/6: cosine against polynomial decay of the learning rate for the baseline, at
-    each budget of ``--budgets`` (the paper: the polynomial schedule wins under a tight
-    budget)."""
-    seeds, groups = args.seed_list, {}
-    for b in args.budgets.split(","):
-        for name, extra in (("baseline", []), ("poly", ["--lr-schedule", "poly"])):
-            groups[f"{name} {b}"] = [spec(args, args.method, name, b, s, *extra) for s in seeds]
-    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
-    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
-    rows, results = [], {}
-    for key, g in groups.items():
-        name, b = key.split()
-        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
-        cos = [evals[o][0] for o, _ in groups[f"baseline {b}"]]
-        delta = [x - y for x, y in zip(nn, cos)]
-        rows.append((b, "cosine" if name == "baseline" else "poly (1 − t)²", spread(nn),
-                     spread(lp), "" if name == "baseline" else spread(delta)))
-        results[key] = dict(nn=summary(nn), lp=summary(lp), nn_minus_cosine=summary(delta))
-    text = (f"{args.method}: learning-rate decay after warm-up, cosine against polynomial, at "
-            f"equal budgets ({describe(args)}; the same seed pairs each difference)\n\n"
-            + table(["budget", "decay", "NN %", "LP %", "NN − cosine"], rows))
+    """Figs. 5/6: cosine against polynomial decay (1 − t)² of the learning rate for the
+    baseline, at each budget of ``--budgets`` (the paper: the polynomial schedule wins under
+    a tight budget)."""
+    rows, results = by_budget(args, [("baseline", []), ("poly", ["--lr-schedule", "poly"])],
+                              args.seed_list)
+    text = (f"{args.method}: learning-rate decay after warm-up, cosine (baseline) against "
+            f"polynomial (poly), at equal budgets ({describe(args)}; the same seed pairs each "
+            "difference)\n\n"
+            + table(["budget", "decay", "steps", "NN %", "LP %", "NN − cosine"], rows))
     report(args.folder, text, results)
 
 
