@@ -12,9 +12,10 @@ the loader and sampling are in data.py, which imports this file (and re-exports 
 
     import torch; from augment import augment, augment_batch, build_views, draw_params
     img, recipe = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8), build_views("moco", 32)[0]
-    x = augment(img, recipe, torch.Generator().manual_seed(0))          # (3, 32, 32), normalised
+    x = augment(img, recipe, torch.Generator().manual_seed(0))          # uint8 (3, 32, 32)
     p = draw_params(40, 40, recipe, torch.Generator().manual_seed(0))   # the draws augment took
-    assert torch.allclose(augment_batch([img], recipe, [p])[0], x, atol=1e-4)
+    assert (augment_batch([img], recipe, [p])[0].int() - x.int()).abs().max() <= 1
+    normalize(x)                                      # float, (x/255 − mean)/std: on the GPU
 """
 import dataclasses
 import math
@@ -117,9 +118,10 @@ def blur_size(size):
 
 
 def augment(img, recipe, g):
-    """uint8 (3, H, W) → normalised float (3, size, size), in the order of BYOL, MoCo-v3 and DINO:
-    crop, flip, colour jitter, grayscale, blur, solarize, normalise. Pure in (img, recipe, g).
-    The reference, one image through torchvision; the loader runs augment_batch."""
+    """uint8 (3, H, W) → uint8 (3, size, size), in the order of BYOL, MoCo-v3 and DINO: crop,
+    flip, colour jitter, grayscale, blur, solarize, then bytes (``to_uint8``; ``normalize``
+    runs where the model does). Pure in (img, recipe, g). The reference, one image through
+    torchvision; the loader runs augment_batch."""
     p = draw_params(img.shape[-2], img.shape[-1], recipe, g)
     x = F.to_dtype(img, torch.float32, scale=True)
     x = F.resized_crop(x, *p.box, [recipe.size] * 2, antialias=True)  # may upsample
@@ -136,7 +138,29 @@ def augment(img, recipe, g):
         x = F.gaussian_blur(x, [k, k], [p.sigma, p.sigma])
     if p.solarize:
         x = F.solarize(x, threshold=0.5)                     # PIL's 128 of 255
-    return F.normalize(x, MEAN, STD)
+    return to_uint8(x)
+
+
+def to_uint8(x):
+    """Floats in [0, 1] → uint8, rounded to the nearest of 256 levels (an error ≤ 1/510). Views
+    leave the loader as bytes, as the official PIL pipelines hold them before ToTensor: a
+    quarter of float32's shared memory and host-to-device traffic (a batch of 128 views at
+    224 px: 19 MB instead of 77)."""
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+_NORMALISERS = {}   # device → (mean, std), made once: no host-to-device copy per batch
+
+
+def normalize(views):
+    """uint8 views (..., 3, s, s) → float (x/255 − mean)/std with ImageNet's mean and std, on
+    the views' device (train.py: the GPU, after the transfer). Float64 input stays float64."""
+    if views.device not in _NORMALISERS:
+        _NORMALISERS[views.device] = tuple(torch.tensor(v, device=views.device)[:, None, None]
+                                           for v in (MEAN, STD))
+    mean, std = _NORMALISERS[views.device]
+    x = views.to(torch.promote_types(views.dtype, torch.float32)) / 255
+    return (x - mean) / std
 
 
 # ----- the same ops on a batch: x (n, 3, H, W) floats in [0, 1], a parameter per image -----
@@ -229,11 +253,10 @@ def _on(x, sel, op, *args):
 
 def augment_batch(images, recipe, params):
     """augment for a batch, each op run once with a parameter per image: B uint8 images (3, H_b,
-    W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → normalised float
-    (B, 3, size, size). An op runs on the images whose coin came up (``_on``); the jitter's
+    W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → uint8 (B, 3, size, size). An op runs on the images whose coin came up (``_on``); the jitter's
     random order is four rounds, round j applying to each image the op at position j of its
-    order. Matches augment to float rounding (≲ 1e-5), and each image's result is the same in
-    any batch."""
+    order. Matches augment to float rounding (≲ 1e-5 before ``to_uint8``, so at most one level
+    apart after), and each image's result is the same in any batch."""
     which = lambda taken: [b for b, p in enumerate(params) if taken(p)]
     x = resized_crops(images, [p.box for p in params], recipe.size)           # (B, 3, s, s)
     x = _on(x, which(lambda p: p.flip), lambda y: y.flip(-1))
@@ -246,8 +269,7 @@ def augment_batch(images, recipe, params):
     x = _on(x, sel, lambda y, sigma: _gaussian_blur(y, sigma, blur_size(recipe.size)),
             [params[b].sigma for b in sel])
     x = _on(x, which(lambda p: p.solarize), lambda y: torch.where(y >= 0.5, 1 - y, y))
-    mean, std = (torch.tensor(v)[:, None, None] for v in (MEAN, STD))
-    return (x - mean) / std
+    return to_uint8(x)
 
 
 # ===== the methods' recipes =====

@@ -15,6 +15,7 @@ checkpoints (timm, DINO, MoCo-v3) for evaluation, through vit.py's key layout.
 """
 import argparse
 import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -27,24 +28,116 @@ import torch
 import vit
 
 
-def save_atomic(obj, path):
+# ====================================================== writing: atomic, checked, rotated
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, I/O error, permission); the previous
+    file at its path is intact. The message names the path, the error and the space left."""
+
+
+def _write_failed(path, e):
+    """SaveError for ``e``, after removing the partial file (which frees the space it held)."""
+    with contextlib.suppress(OSError):
+        os.remove(path + ".tmp")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    return SaveError(e.errno, f"cannot write {path}: {e.strerror or e} ({free}); the previous "
+                              "file there is intact")
+
+
+def rotate(path, keep):
+    """path → path-1 → path-2 ... → path-(keep-1) (the oldest dropped): ``keep`` files in all
+    once ``path`` is rewritten. ``last.pt`` becomes ``last-1.pt``, and so on."""
+    stem, ext = os.path.splitext(path)
+    older = [path] + [f"{stem}-{i}{ext}" for i in range(1, keep)]
+    for src, dst in reversed(list(zip(older, older[1:]))):
+        if os.path.exists(src):
+            os.replace(src, dst)
+
+
+def save_atomic(obj, path, keep=1):
     """Write to a temporary file, then rename: a kill mid-save leaves the old file intact.
 
     os.replace is atomic on POSIX: a reader sees the old file or the new one, never a mix.
-    fsync first, so that after a power cut the rename cannot point at unwritten blocks."""
+    fsync first, so that after a power cut the rename cannot point at unwritten blocks. The
+    previous file is kept as path-1 (``keep`` files in all; ``rotate``) only once the new
+    one is complete. A failed write (ENOSPC, EIO, EACCES) raises SaveError, with nothing left
+    but the previous files."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        rotate(path, keep)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_failed(path, e) from None
 
 
-def copy_atomic(src, path):
-    shutil.copyfile(src, path + ".tmp")
-    with open(path + ".tmp", "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def copy_atomic(src, path, keep=1):
+    """``save_atomic`` of a copy of the file ``src``."""
+    try:
+        shutil.copyfile(src, path + ".tmp")
+        with open(path + ".tmp", "rb+") as f:
+            os.fsync(f.fileno())
+        rotate(path, keep)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+
+
+def checksum(tree):
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes, every array's,
+    every other value's repr, dict keys in sorted order. Taken of the object (not the file),
+    so a reader checks exactly what torch.load gave it; ~1 s per GB."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+    feed(tree)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt, path, keep=1):
+    """A training checkpoint (a dict) with its checksum, atomically (``save_atomic``)."""
+    save_atomic({**ckpt, "checksum": checksum(ckpt)}, path, keep)
+
+
+class BadCheckpoint(ValueError):
+    """A checkpoint file that cannot be read, or whose content fails its checksum."""
+
+
+def load_checked(path):
+    """torch.load of one of our checkpoints, its checksum verified (files written before
+    checkpoints carried one are read unchecked). Raises BadCheckpoint saying what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:                   # truncated, corrupt, or not a torch file at all
+        raise BadCheckpoint(f"unreadable ({type(e).__name__}: {str(e)[:160]})") from None
+    if isinstance(ckpt, dict) and "checksum" in ckpt:
+        if checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
+            raise BadCheckpoint("its content does not match its checksum (damaged on disk)")
+    return ckpt
 
 
 def seed_all(seed, rank):
@@ -56,16 +149,26 @@ def seed_all(seed, rank):
 
 
 def rng_state():
+    """This rank's RNG streams: torch's CPU one, numpy's, Python's and, on a GPU, the one of
+    this rank's own device (the current one), not every visible device's: a resume on a node
+    that shows another number of devices (or one per process) restores it all the same."""
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                cuda=torch.cuda.get_rng_state() if on_gpu else None)
 
 
 def set_rng_state(s):
+    """Put back ``rng_state()``. Checkpoints written before it kept one state per visible GPU
+    (a list): the entry of this rank's device is taken when there is one."""
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # Arguments that define what is trained: a resume must not change them.
@@ -80,19 +183,51 @@ FIXED_ARGS = ("method", "data", "model", "img_size", "patch_size", "batch_size",
 
 
 def check_out_dir(args):
-    """Refuse to clobber a previous run unless told to; returns the checkpoint to resume or None.
+    """Refuse to clobber a previous run unless told to; returns the checkpoints a --resume may
+    continue from, newest first (``resumable``), or [] to start afresh.
 
-    A ``*.pt.tmp`` beside it is what a save interrupted by a kill leaves; it is never read
+    A ``*.pt.tmp`` beside them is what a save interrupted by a kill leaves; it is never read
     (the rename did not happen, so last.pt is still the previous, complete checkpoint)."""
-    last = os.path.join(args.out, "last.pt")
     previous = os.path.isdir(args.out) and any(
         f in os.listdir(args.out) for f in ("last.pt", "log.jsonl"))
     if args.resume:
-        return last if os.path.isfile(last) else None
+        return resumable(args.out)
     if previous and not args.overwrite:
         raise SystemExit(f"error: --out {args.out} holds a previous run (last.pt / log.jsonl); "
                          "pass --resume to continue it or --overwrite to replace it")
-    return None
+    return []
+
+
+def resumable(out):
+    """The full checkpoints in ``out``, newest first: last.pt, its rotated predecessors
+    last-1.pt, last-2.pt ... (--keep-last), then the stage checkpoints ckpt_<pct>.pt, which hold
+    everything last.pt holds; by modification time, last.pt first when it exists."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in os.listdir(out)
+             if n.endswith(".pt") and (n == "last.pt" or n.startswith(("last-", "ckpt_")))]
+    paths = sorted((os.path.join(out, n) for n in names), key=os.path.getmtime, reverse=True)
+    return sorted(paths, key=lambda p: os.path.basename(p) != "last.pt")     # stable
+
+
+def read_resumable(paths, args, accel, verbose=True):
+    """The newest of ``paths`` that reads, passes its checksum and holds a whole checkpoint:
+    → (path, checkpoint). Every one skipped is named with what is wrong with it; if none is
+    good, the run stops rather than start from scratch over a run it cannot read."""
+    failures = []
+    for path in paths:
+        try:
+            ckpt = load_checked(path)
+        except BadCheckpoint as e:
+            failures.append(f"{path}: {e}")
+            if verbose:
+                print(f"warning: cannot resume from {path}: {e}"
+                      + (f"; trying {paths[len(failures)]}" if len(failures) < len(paths) else ""),
+                      flush=True)
+            continue
+        return path, check_settings(ckpt, path, args, accel)
+    raise SystemExit("error: no readable checkpoint to resume from:\n  " + "\n  ".join(failures)
+                     + "\nmove them away (or drop --resume and pass --overwrite) to start afresh")
 
 
 def state_dict_mismatch(module, saved, limit=20):
@@ -108,14 +243,9 @@ def state_dict_mismatch(module, saved, limit=20):
     return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def read_checkpoint(path, args, accel):
-    """The checkpoint to resume, if it was written by a run with these settings: it is read
-    before any data, so that a wrong --resume fails at once, naming the file and what differs."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:                   # truncated, corrupt, or not a torch file at all
-        raise SystemExit(f"error: cannot read the checkpoint {path} ({type(e).__name__}: "
-                         f"{str(e)[:200]}); move it away to start afresh") from None
+def check_settings(ckpt, path, args, accel):
+    """``ckpt`` if it was written by a run with these settings (it is read before any data,
+    so a wrong --resume fails at once, naming the file and what differs)."""
     needed = ("args", "method", "optimizer", "state", "rng")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in needed):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -171,21 +301,6 @@ def _torch_load(path):
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from err
 
 
-def _target_backbone(ckpt, path):
-    """The momentum-encoder / teacher backbone of one of our checkpoints."""
-    if isinstance(ckpt.get("target_backbone"), dict):
-        return ckpt["target_backbone"]
-    for value in ckpt.values():                # a saved method state dict (losses.py names)
-        if not isinstance(value, dict):
-            continue
-        keys = {k.removeprefix("module."): v for k, v in value.items() if isinstance(k, str)}
-        for prefix in ("momentum_encoder.backbone.", "teacher.backbone."):
-            sd = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
-            if sd:
-                return sd
-    raise ValueError(f"{path} holds no target (momentum / teacher) backbone; use --branch online")
-
-
 def check_state_dict(model, state_dict):
     """Raise a ValueError listing every missing / unexpected key and shape mismatch, if any."""
     problems = state_dict_mismatch(model, state_dict, limit=200)   # a backbone: list them all
@@ -217,7 +332,10 @@ def load_backbone(path, model=None, img_size=None, branch="auto"):
             else "online"
     if "vit_config" in ckpt:                                          # written by train.py
         backbone = vit.ViT(**ckpt["vit_config"])
-        sd = ckpt["backbone"] if branch == "online" else _target_backbone(ckpt, path)
+        try:
+            sd = vit.run_backbone(ckpt, branch)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         fmt = "accel-ssl"
     else:
         if model is None:

@@ -209,20 +209,21 @@ class CostModel:
     """Sample cost in units (forward passes of the uncompressed base backbone).
 
     mode "flops" counts FLOPs (above); mode "measured" times forward passes of ``model``
-    then the head (batch ``batch``, median of ``reps``) for each sequence setting the first
-    time it is asked for, and uses time ratios instead. ``heads`` = (online, target): the
+    then the head (batch ``batch``, median of ``reps``; under bf16 autocast where ``dtype`` is
+    bfloat16, as train.py's step on a GPU) for each sequence setting the first time it is
+    asked for, and uses time ratios instead. ``heads`` = (online, target): the
     modules after the backbone on a gradient-carrying view and on a momentum / teacher view
     (``method.cost_heads()``; None where there is none). The unit excludes them.
     """
 
-    def __init__(self, model, mode="flops", batch=32, reps=5, heads=(None, None)):
+    def __init__(self, model, mode="flops", batch=32, reps=5, heads=(None, None), dtype=None):
         if mode not in ("flops", "measured"):
             raise ValueError(f"cost mode {mode!r}; allowed: flops, measured")
         heads = tuple(heads)
         if len(heads) != 2 or not all(h is None or isinstance(h, nn.Module) for h in heads):
             raise ValueError(f"heads={heads!r}; allowed: (online, target), each an nn.Module "
                              "or None")
-        self.model, self.mode, self.batch, self.reps = model, mode, batch, reps
+        self.model, self.mode, self.batch, self.reps, self.dtype = model, mode, batch, reps, dtype
         self.heads = dict(zip(HEAD_ROLES, heads))
         self.head_flops = {role: head_flops(h) for role, h in self.heads.items()}
         self._cache = {}
@@ -283,9 +284,11 @@ class CostModel:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t = time.perf_counter()
-                    feats = m(x, patch_size=patch_size, drop=drop)       # (B, D)
-                    if h is not None:
-                        h(feats)
+                    with torch.autocast(device.type, dtype=self.dtype or torch.bfloat16,
+                                        enabled=self.dtype is not None):
+                        feats = m(x, patch_size=patch_size, drop=drop)   # (B, D)
+                        if h is not None:
+                            h(feats)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t)

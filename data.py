@@ -28,6 +28,7 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from augment import MEAN, STD, augment, augment_batch, draw_params
+from cluster import ignore_preemption_signals
 from embedded import EmbeddedShapes, TensorImages, mix_seed
 from imagecache import open_cache
 from imagefolder import ImageFolderDataset
@@ -103,7 +104,8 @@ def build_dataset(name, root=None, split="train", img_size=32, download=False, s
 # ===== views: a dataset seen through augment.py's recipes =====
 
 class ViewDataset(Dataset):
-    """A base dataset seen through view recipes: item i is ([view tensors], label). Its
+    """A base dataset seen through view recipes: item i is ([uint8 view tensors], label), to be
+    normalised where the model runs (augment.normalize: on the GPU, after the transfer). Its
     generator in epoch e is seeded by mix_seed(seed, e, i), so the views depend on nothing else:
     not on worker count, order or batch, nor on the global RNG, and a resumed run replays them.
     The epoch lives in shared memory, so ``set_epoch`` reaches persistent loader workers too.
@@ -232,10 +234,12 @@ def build_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=False):
 
     The loader gets a generator of its own: without one, every ``iter(loader)`` (each epoch,
     and once more after a resume) draws its worker base seed from the GLOBAL torch RNG, which
-    also drives token dropout, so a resumed run would drop different tokens."""
+    also drives token dropout, so a resumed run would drop different tokens. Workers ignore
+    preemption signals: the training process saves, then ends them (cluster.py)."""
     if isinstance(sampler, ResumableSampler):
         sampler.dataset = dataset
     extra = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
     generator = torch.Generator().manual_seed(getattr(sampler, "seed", 0))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, generator=generator, **extra)
+                      pin_memory=pin_memory, drop_last=False, generator=generator,
+                      worker_init_fn=ignore_preemption_signals, **extra)

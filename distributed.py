@@ -15,6 +15,7 @@ batch statistics are global). Each operation says why it is needed where it is u
     rank, world, device = setup_distributed("auto")      # RANK / WORLD_SIZE from torchrun
     z_all = gather_with_grad(z)                          # (world·N, d), differentiable
 """
+import datetime
 import os
 
 import torch
@@ -23,16 +24,18 @@ import torch.nn as nn
 
 
 # ============================================================================ set-up
-def setup_distributed(device_arg):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs as rank 0 of 1."""
+def setup_distributed(device_arg, timeout_minutes=30.0):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python runs as rank 0 of 1.
+    A collective that waits longer than ``timeout_minutes`` for a rank (dead, or hanging)
+    raises instead of waiting for ever (``is_timeout`` recognises it)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_device(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         # Share the cores between the processes of this machine, unless OMP_NUM_THREADS says
@@ -41,7 +44,11 @@ def setup_distributed(device_arg):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        global _CPU_GROUP           # small CPU messages beside nccl (every rank creates it)
+        _CPU_GROUP = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" \
+            else None
     if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
             and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
         # torchrun's store outlives the workers; a restarted group may read the addresses that
@@ -50,6 +57,39 @@ def setup_distributed(device_arg):
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone (or --rdzv-backend=c10d) "
               "... so that every restart gets a fresh one", flush=True)
     return rank, world, device
+
+
+def local_device(local_rank, visible):
+    """The index of this process's GPU among the ``visible`` ones: its local rank where every
+    process sees all of the node's GPUs (torchrun), 0 where the launcher shows each process
+    only its own (SLURM's --gpus-per-task, or CUDA_VISIBLE_DEVICES set per process)."""
+    if visible < 1:
+        raise RuntimeError("--device cuda, but no GPU is visible to this process")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but only {visible} GPUs visible: launch at "
+                           f"most {visible} processes per node, or show each process one GPU")
+    return local_rank
+
+
+_CPU_GROUP = None
+
+
+def cpu_group():
+    """The process group for small CPU tensors (a flag per step): the default group under
+    gloo; a gloo group of its own under nccl, so that no GPU stream is synchronised."""
+    return _CPU_GROUP
+
+
+def is_lost_rank(error):
+    """Whether ``error`` is a collective that lost a rank: it outwaited the process group's
+    timeout (a rank hangs) or its connection closed (a rank died). gloo and nccl raise these
+    as RuntimeError (DistBackendError) naming one or the other."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("timed out", "timeout", "connection reset", "connection closed",
+                            "broken pipe", "socket closed"))
 
 
 # ================================================================ cross-rank helpers

@@ -28,12 +28,14 @@ import pickle
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import vit
 from checkpoint import load_backbone
+from distributed import gather_no_grad, rank_world
 from run import weight_decay_groups
 from schedule import learning_rate
 
@@ -71,6 +73,9 @@ def extract_features(backbone, loader, device):
             labels.append(torch.as_tensor(y).to(device))
     finally:
         backbone.train(was_training)
+    if not feats:                                   # an empty share (fewer images than ranks)
+        return torch.zeros(0, backbone.dim, device=device), torch.zeros(0, dtype=torch.long,
+                                                                        device=device)
     return torch.cat(feats), torch.cat(labels).long()
 
 
@@ -113,14 +118,48 @@ def _percent(preds, labels):
 
 def knn_accuracy(backbone, train_set, val_set, device, k=20, temperature=0.07, batch_size=256,
                  num_workers=0):
-    """NN top-1 (%) of ``backbone`` (on ``device``): datasets give (normalised image, label)."""
+    """NN top-1 (%) of ``backbone`` (on ``device``): datasets give (normalised image, label).
+
+    Under several processes (train.py's evaluations), every rank extracts the features of its
+    share of both sets with ``num_workers`` loader processes; the bank's are gathered so that
+    every rank holds all of them, in order, and each rank classifies its share of the
+    validation images: one process's accuracy, in 1/W of its time, with no rank idle."""
+    rank, world = rank_world()
     train_feats, train_labels = extract_features(
-        backbone, _loader(train_set, batch_size, num_workers, device), device)
+        backbone, _loader(shard(train_set, rank, world, pad=True), batch_size, num_workers,
+                          device), device)
+    train_feats, train_labels = (unshard(x, len(train_set)) for x in (train_feats, train_labels))
     val_feats, val_labels = extract_features(
-        backbone, _loader(val_set, batch_size, num_workers, device), device)
+        backbone, _loader(shard(val_set, rank, world), batch_size, num_workers, device), device)
     preds = knn_classify(train_feats, train_labels, val_feats, k, temperature,
                          num_classes=_num_classes(train_set, train_labels))
-    return _percent(preds, val_labels)
+    counts = torch.stack([(preds == val_labels).sum(), torch.tensor(len(val_labels))
+                          .to(preds.device)]).double()           # (correct, seen) on this rank
+    if world > 1:
+        dist.all_reduce(counts)
+    return 100.0 * float(counts[0] / counts[1])
+
+
+def shard(dataset, rank, world, pad=False):
+    """Rank r's share of ``dataset``: items r, r+W, r+2W, ... With ``pad``, every share has
+    ⌈N/W⌉ items (the last item repeated), as an all-gather needs equal sizes."""
+    if world == 1:
+        return dataset
+    index = list(range(rank, len(dataset), world))
+    if pad:
+        index += [len(dataset) - 1] * (math.ceil(len(dataset) / world) - len(index))
+    return Subset(dataset, index)
+
+
+def unshard(rows, n):
+    """The rows of every rank's padded ``shard`` back in the dataset's order: (n, ...)."""
+    world = rank_world()[1]
+    if world == 1:
+        return rows
+    gathered = gather_no_grad(rows)                                  # (W·m, ...), rank-major
+    m = rows.shape[0]
+    return gathered.reshape(world, m, *rows.shape[1:]).transpose(0, 1).reshape(
+        world * m, *rows.shape[1:])[:n]                              # item j·W + r at j·W + r
 
 
 def raw_pixel_knn(train_set, val_set, k=20, temperature=0.07):

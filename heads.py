@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import GlobalBatchNorm1d
+from vit import full_precision
 
 
 def float32(fn):
@@ -25,8 +26,8 @@ def float32(fn):
     def wrapper(*args, **kwargs):
         up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32)) \
             if torch.is_tensor(x) and x.is_floating_point() else x             # noqa: E731
-        device = next((x.device.type for x in args if torch.is_tensor(x)), "cpu")
-        with torch.autocast(device, enabled=False):
+        device = next((x.device for x in args if torch.is_tensor(x)), torch.device("cpu"))
+        with full_precision(device):
             return fn(*[up(a) if not isinstance(a, list) else [up(x) for x in a] for a in args],
                       **{k: up(v) for k, v in kwargs.items()})
     return functools.update_wrapper(wrapper, fn)
@@ -36,7 +37,7 @@ class Float32Linear(nn.Linear):
     """nn.Linear computed in float32 under autocast (a head's last layer; see ``float32``)."""
 
     def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x.device):
             return F.linear(x.to(torch.promote_types(x.dtype, self.weight.dtype)), self.weight,
                             self.bias)
 
@@ -90,6 +91,6 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         # The prototypes' logits in float32 under autocast: the teacher divides them by
         # τ_t = 0.04, which magnifies bf16's 3 significant digits into visible target error.
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x.device):
             x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # (B, bottleneck)
             return self.last_layer(x)                                 # (B, out_dim)

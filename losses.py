@@ -69,9 +69,10 @@ def nt_xent_multi(zs, temperature=0.2):
     rows = torch.arange(m * n, device=dev)
     logits[rows, view * n_g + image] = float("-inf")                  # b ≠ a: no self-similarity
     log_prob = F.log_softmax(logits, dim=1)                           # log exp(s_ab/τ) / Σ_{b≠a}
-    # P(a): the columns of the same image in the M−1 other views, (M·N, M−1)
-    others = torch.tensor([[o for o in range(m) if o != v] for v in range(m)], device=dev)
-    pos_col = others[view] * n_g + image[:, None]
+    # P(a): the columns of the same image in the M−1 other views v+1, …, v+M−1 (mod M),
+    # made on the device (a list turned into a tensor would be a host-to-device copy per step)
+    others = (view[:, None] + 1 + torch.arange(m - 1, device=dev)) % m          # (M·N, M−1)
+    pos_col = others * n_g + image[:, None]
     return -log_prob.gather(1, pos_col).mean()                        # mean over P(a), then over a
 
 
@@ -190,11 +191,16 @@ def update_center(center, teacher_out, momentum=0.9):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def ema_update(target, online, m):
-    """θ_target ← m·θ_target + (1−m)·θ_online, parameter by parameter; buffers (BN running
-    statistics) are the target's own, as in the official MoCo-v3 and DINO."""
-    for p_t, p_o in zip(target.parameters(), online.parameters(), strict=True):
-        p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
+    """θ_target ← m·θ_target + (1−m)·θ_online = θ_target + (1−m)·(θ_online − θ_target), every
+    parameter in one fused pass (``_foreach_lerp_``: one kernel launch per group of tensors
+    instead of two per parameter); buffers (BN running statistics) are the target's own, as
+    in the official MoCo-v3 and DINO."""
+    targets, onlines = list(target.parameters()), list(online.parameters())
+    if len(targets) != len(onlines):
+        raise ValueError(f"target has {len(targets)} parameters, online {len(onlines)}")
+    torch._foreach_lerp_(targets, [p.detach() for p in onlines], 1.0 - m)
 
 
 # =========================================================================== methods

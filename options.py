@@ -254,6 +254,13 @@ def _add_output_flags(ap):
     ap.add_argument("--save-every-steps", type=int, default=0,
                     help="also rewrite last.pt every this many steps (0: off); a crash loses at "
                          "most this many steps, at the price of one save each time")
+    ap.add_argument("--keep-last", type=int, default=2, metavar="K",
+                    help="keep the K newest last.pt (the older ones as last-1.pt ...): a resume "
+                         "that finds last.pt damaged falls back to the newest good one")
+    ap.add_argument("--dist-timeout", type=float, default=30.0, metavar="MIN",
+                    help="minutes a rank waits for the others in a collective before the run "
+                         "ends with an error (a rank that died or hangs); then torchrun's "
+                         "--max-restarts can restart the group")
     ap.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--deterministic", action="store_true",
@@ -329,11 +336,14 @@ def _check_run(args, ap):
                              ("--data-size", args.data_size, 1), ("--knn-bank", args.knn_bank, 1),
                              ("--workers", args.workers, 0),
                              ("--save-every-steps", args.save_every_steps, 0),
+                             ("--keep-last", args.keep_last, 1),
                              ("--seed", args.seed, 0)):
         if value is not None and value < low:
             ap.error(f"{flag} {value} must be ≥ {low}")
     if args.seed >= 2**32:                   # numpy's seed range
         ap.error(f"--seed {args.seed} must be < 2**32")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        ap.error(f"--dist-timeout {args.dist_timeout} must be a positive number of minutes")
     if not args.log_every >= 0:
         ap.error(f"--log-every {args.log_every} must be ≥ 0 seconds")
 

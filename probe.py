@@ -41,6 +41,7 @@ import time
 import torch
 
 import options
+from augment import normalize
 from compress import NONE, local_crops
 from distributed import all_reduce_mean, rank_world
 from plots import save_heatmaps
@@ -204,7 +205,7 @@ def _probe_batch(view_set, epoch, g, batch_size, device):
     idx = everyone[rank * batch_size:(rank + 1) * batch_size].tolist()   # this rank's share
     fetch = getattr(view_set, "__getitems__", None)                   # batched augmentation
     items = [v for v, _ in fetch(idx)] if fetch else [view_set[i][0] for i in idx]
-    return [torch.stack(v).to(device) for v in zip(*items)]
+    return [normalize(torch.stack(v).to(device)) for v in zip(*items)]
 
 
 def _flat_gradient(method, params, buffers, views, strategy, progress):

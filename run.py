@@ -53,7 +53,7 @@ class Run:
     peak_lr: float = None
     sampler: data.ResumableSampler = None
     loader: object = None
-    knn_sets: tuple = None              # (bank, val) EvalDatasets on rank 0
+    knn_sets: tuple = None              # (bank, val) EvalDatasets
     use_bf16: bool = False              # bf16 autocast (CUDA with bf16 support)
     watch: torch.Tensor = None          # the first non-finite loss, noted on the device
 
@@ -195,16 +195,20 @@ def build_run(args, device=torch.device("cpu"), rank=0, world=1, train=True):
     method, method_kwargs = build_method(args, backbone, device)
     recipes = view_recipes(args, backbone.img_size, views)
     local_size = recipes[-1].size if compress.local_crops(args.method, views) else None
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # --cost measured times what a step runs: this rank's batch, in the step's precision
+    cost = compress.CostModel(backbone, args.cost, heads=method.cost_heads(),
+                              batch=args.batch_size // world,
+                              dtype=torch.bfloat16 if use_bf16 else None)
     run = Run(args, device, rank, world, backbone, method, method_kwargs, accel, grid, views,
-              recipes, local_size, train_base,
-              compress.CostModel(backbone, args.cost, heads=method.cost_heads()))
+              recipes, local_size, train_base, cost, use_bf16=use_bf16)
     if train:
         build_training(run)
     return run
 
 
 def build_training(run):
-    """The loader over this rank's share, the k-NN sets (rank 0), the optimiser and DDP."""
+    """The loader over this rank's share, the k-NN sets, the optimiser and DDP."""
     args, per_rank = run.args, run.args.batch_size // run.world
     try:
         run.sampler = data.ResumableSampler(len(run.train_base), per_rank, seed=args.seed,
@@ -213,13 +217,11 @@ def build_training(run):
         raise BadRun(str(e)) from None
     run.loader = data.build_loader(run.view_set(), per_rank, run.sampler, num_workers=args.workers,
                                    pin_memory=run.device.type == "cuda")
-    if run.master:
-        val = build_dataset(args, "val", run.backbone.img_size,
-                            args.data_size and max(args.data_size // 4, 20))
-        run.knn_sets = (data.EvalDataset(run.train_base, run.backbone.img_size, subset=args.knn_bank),
-                        data.EvalDataset(val, run.backbone.img_size))
+    val = build_dataset(args, "val", run.backbone.img_size,       # every rank: eval.knn_accuracy
+                        args.data_size and max(args.data_size // 4, 20))     # shares the work
+    run.knn_sets = (data.EvalDataset(run.train_base, run.backbone.img_size, subset=args.knn_bank),
+                    data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)
-    run.use_bf16 = run.device.type == "cuda" and torch.cuda.is_bf16_supported()
     run.watch = torch.zeros(4, device=run.device)          # train.watch_loss
     run.model = run.method
     if run.world > 1:

@@ -42,9 +42,11 @@ import torch.distributed as dist
 
 import compress
 import eval as evaluation
-from checkpoint import (check_out_dir, copy_atomic, read_checkpoint, restore, rng_state,
-                        save_atomic, seed_all, set_rng_state)
-from distributed import gather_no_grad, setup_distributed
+from augment import normalize
+from checkpoint import (SaveError, check_out_dir, copy_atomic, read_resumable, restore, rng_state,
+                        save_checkpoint, seed_all, set_rng_state)
+from cluster import PREEMPTED, PreemptionSignals, RunLock, signal_name
+from distributed import cpu_group, gather_no_grad, is_lost_rank, setup_distributed
 from options import get_args, hms
 from probe import probe
 from run import BadRun, build_run
@@ -106,7 +108,7 @@ def train_step(run, state, batch):
     state.stage = run.accel.index(progress)                      # the strategy at progress
     strategy = run.resolve(run.accel.stages[state.stage][1])     # q, k and M views
     lr, wd = set_rates(run, progress)                            # lr, weight decay
-    views = [v.to(run.device, non_blocking=True) for v in batch[:strategy.views]]
+    views = [normalize(v.to(run.device, non_blocking=True)) for v in batch[:strategy.views]]
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         loss, stats = run.model(views, strategy.q, strategy.k, progress)    # forward
     watch_loss(run, state, loss, progress)          # a non-finite loss stops the run (below)
@@ -155,13 +157,15 @@ def check_losses(run, state, last_good):
                   f"{last_good_text(last_good)}")
 
 
-def stop(run, message):
+def stop(run, message, final=True):
     """Exit with an error; the message once (from rank 0), the exit status on every rank.
-    The message also goes to OUT/STOPPED, which a --resume (a torchrun restart) reads."""
+    A ``final`` stop (a diverged run) also writes the message to OUT/STOPPED, which a --resume
+    (a torchrun restart) reads and refuses to replay; a full disk is not final."""
     if run.master:
         print(message, file=sys.stderr, flush=True)
-        with open(os.path.join(run.args.out, "STOPPED"), "w") as f:
-            f.write(message + "\n")
+        if final:
+            with open(os.path.join(run.args.out, "STOPPED"), "w") as f:
+                f.write(message + "\n")
     raise SystemExit(1)
 
 
@@ -173,19 +177,19 @@ def last_good_text(last_good):
 
 # ================================================== evaluation, checkpoints, the probe
 def evaluate(run, state, tag):
-    """k-NN top-1 of the reported weights (rank 0; the others wait), logged with the budget
-    and the training time so far (figures.py compares runs on both)."""
+    """k-NN top-1 of the reported weights, every rank extracting the features of its share
+    (eval.knn_accuracy), logged by rank 0 with the budget and the training time so far
+    (figures.py compares runs on both)."""
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):             # evaluation must not move the RNG
+        acc = evaluation.knn_accuracy(run.evaluated, *run.knn_sets, run.device,
+                                      num_workers=run.args.workers)
     if run.master:
-        t0 = time.time()
-        with torch.random.fork_rng(devices=[]):         # evaluation must not move the RNG
-            acc = evaluation.knn_accuracy(run.evaluated, *run.knn_sets, run.device)
         print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(run.knn_sets[1])} val images, "
               f"{len(run.knn_sets[0])} training images)", flush=True)
         log(run, dict(step=state.step, progress=state.spent / run.args.budget, knn=acc,
                       units=state.spent, train_wall=state.wall - state.eval_wall))
-        state.eval_wall += time.time() - t0
-    if run.world > 1:
-        dist.barrier()
+    state.eval_wall += time.time() - t0
 
 
 def save(run, state, last_good, *paths):
@@ -204,15 +208,27 @@ def save(run, state, last_good, *paths):
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
+    error = [None]
     if run.master:                              # unreadable files met so far (for the record)
         state.bad_files = sorted(set(state.bad_files) | getattr(run.train_base, "bad_files", set()))
-        save_atomic(dict(args=vars(run.args), vit_config=run.backbone.config(),
-                         method_kwargs=run.method_kwargs, backbone=run.backbone.state_dict(),
-                         method=run.method.state_dict(), optimizer=run.optimizer.state_dict(),
-                         state=dataclasses.asdict(state), rng=states, accel=run.accel.to_json(),
-                         strategy=str(run.accel.at(state.spent / run.args.budget))), paths[0])
-        for path in paths[1:]:
-            copy_atomic(paths[0], path)
+        keep = [run.args.keep_last if os.path.basename(p) == "last.pt" else 1 for p in paths]
+        try:
+            save_checkpoint(dict(
+                args=vars(run.args), vit_config=run.backbone.config(),
+                method_kwargs=run.method_kwargs,
+                method=run.method.state_dict(),                    # the backbone is inside it
+                optimizer=run.optimizer.state_dict(),
+                state=dataclasses.asdict(state), rng=states, accel=run.accel.to_json(),
+                strategy=str(run.accel.at(state.spent / run.args.budget))), paths[0], keep[0])
+            for path, k in zip(paths[1:], keep[1:]):
+                copy_atomic(paths[0], path, k)
+        except SaveError as e:                  # disk full, I/O error: all ranks stop (below)
+            error = [e.strerror]
+    if run.world > 1:
+        dist.broadcast_object_list(error, src=0, group=cpu_group())
+    if error[0]:
+        stop(run, f"error: {error[0]}; the run stopped after step {state.step}: make room, then "
+                  f"--resume (from {last_good_text(last_good)})", final=False)
     if os.path.basename(paths[-1]) == "last.pt":
         last_good.update(path=paths[-1], step=state.step)
 
@@ -251,11 +267,12 @@ def auto_probe(run, state):
     compares with a fixed schedule at equal total compute. The probe restores weights,
     buffers and RNG, so a resumed run that replays it makes the same choice."""
     args, n = run.args, len(state.auto)
-    result = probe(run.method, run.view_set(), run.grid, args.method, run.cost,
-                   progress=state.spent / args.budget, batches=args.auto_batches,
-                   ref_batches=args.auto_batches, batch_size=args.batch_size // run.world,
-                   seed=(args.seed + 1) * 7919 + 104_729 * n, views=args.views,
-                   local_size=run.local_size)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):  # as a step
+        result = probe(run.method, run.view_set(), run.grid, args.method, run.cost,
+                       progress=state.spent / args.budget, batches=args.auto_batches,
+                       ref_batches=args.auto_batches, batch_size=args.batch_size // run.world,
+                       seed=(args.seed + 1) * 7919 + 104_729 * n, views=args.views,
+                       local_size=run.local_size)
     best = [min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]]
     if run.world > 1:
         dist.broadcast_object_list(best, src=0)
@@ -319,13 +336,12 @@ def log_progress(run, state, meter, loss, stats):
 
 
 # ========================================================================= the run
-def start(argv):
-    """Flags, processes, the run and its state (restored on --resume); → (run, state, resumed)."""
-    args, parser = get_args(argv)
-    rank, world, device = setup_distributed(args.device)
+def start(args, parser):
+    """Processes, the run and its state (restored on --resume); → (run, state, resumed from)."""
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    resume_path = check_out_dir(args)
+    candidates = check_out_dir(args)
     stopped = os.path.join(args.out, "STOPPED")
     if args.resume and os.path.exists(stopped):     # e.g. torchrun restarting after a NaN stop
         with open(stopped) as f:
@@ -339,23 +355,10 @@ def start(argv):
         run = build_run(args, device, rank, world)
     except BadRun as e:
         parser.error(str(e))
-    state = TrainState(prices=[args.batch_size * run.price(s) for _, s in run.accel.stages])
-    if resume_path:
-        ckpt = read_checkpoint(resume_path, args, None if args.accel == "auto" else run.accel)
-        restore(ckpt, resume_path, args, run.backbone, run.method, run.optimizer)
-        state = TrainState.from_dict(ckpt["state"])
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:       # another number of processes: data order and budget stay exact, dropout not
-            seed_all((args.seed * 1_000_003 + state.step) % 2**31, rank)
-            if run.master:
-                print(f"note: {resume_path} was written by {len(ckpt['rng'])} process(es), this "
-                      f"run has {world}; token-dropout streams are re-seeded, so the result "
-                      "will not be bitwise that of an uninterrupted run", flush=True)
-        if run.master:
-            print(f"resumed from {resume_path}: step {state.step}, "
-                  f"{state.spent / args.budget:.1%} of the budget, epoch {state.epoch} "
-                  f"batch {state.batch_in_epoch}", flush=True)
+    state, resume_path = TrainState(prices=[args.batch_size * run.price(s)
+                                            for _, s in run.accel.stages]), None
+    if candidates:                 # the newest good checkpoint (last.pt, unless it is damaged)
+        state, resume_path = resume(run, candidates)
     if args.accel == "auto":                          # the stages an interrupted run had chosen
         run.accel = auto_schedule(state.auto)
     epochs = args.budget / run.price(compress.NONE) / len(run.train_base)   # every rank prices
@@ -364,7 +367,44 @@ def start(argv):
         print(f"{args.method} | ViT {run.backbone.config()} | {world} process(es) on {device} | "
               f"batch {args.batch_size} | budget {args.budget:,.0f} units (~{epochs:.1f} "
               f"uncompressed epochs) | accel: {run.accel}", flush=True)
+        if epochs < 1 and args.data != "embedded":
+            warn_short_budget(run, epochs)
     return run, state, resume_path
+
+
+def warn_short_budget(run, epochs):
+    """A budget that buys less than one epoch of a real dataset is almost always a forgotten
+    --budget (the default, 200k, is sized for the embedded set on a CPU)."""
+    args, sample = run.args, run.price(compress.NONE)
+    one_epoch, steps = sample * len(run.train_base), args.budget / sample / args.batch_size
+    print(f"warning: --budget {args.budget:,.0f} units buys {epochs:.2f} uncompressed epochs of "
+          f"these {len(run.train_base):,} images ({steps:,.0f} steps of batch "
+          f"{args.batch_size}; one epoch costs "
+          f"{one_epoch:,.0f} units). The default budget is sized for the embedded set on a CPU; "
+          "the ImageNet-100 recipes use --budget 50M (ViT-S/16, ~49 epochs of MoCo-v3; "
+          "docs/training.md)", file=sys.stderr, flush=True)
+
+
+def resume(run, candidates):
+    """The newest good checkpoint of ``candidates`` restored into ``run``: weights, optimizer,
+    this rank's RNG streams; → (its TrainState, its path)."""
+    args, rank, world = run.args, run.rank, run.world
+    path, ckpt = read_resumable(candidates, args, None if args.accel == "auto" else run.accel,
+                                verbose=run.master)
+    restore(ckpt, path, args, run.backbone, run.method, run.optimizer)
+    state = TrainState.from_dict(ckpt["state"])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank])
+    else:           # another number of processes: data order and budget stay exact, dropout not
+        seed_all((args.seed * 1_000_003 + state.step) % 2**31, rank)
+        if run.master:
+            print(f"note: {path} was written by {len(ckpt['rng'])} process(es), this run has "
+                  f"{world}; token-dropout streams are re-seeded, so the result will not be "
+                  "bitwise that of an uninterrupted run", flush=True)
+    if run.master:
+        print(f"resumed from {path}: step {state.step}, {state.spent / args.budget:.1%} of the "
+              f"budget, epoch {state.epoch} batch {state.batch_in_epoch}", flush=True)
+    return state, path
 
 
 def prepare_out_dir(args, resumed_step):
@@ -376,6 +416,8 @@ def prepare_out_dir(args, resumed_step):
             os.remove(os.path.join(args.out, name))
             print(f"note: removed {name}, a partial save of an interrupted run", flush=True)
     log_path, stopped = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "STOPPED")
+    if os.path.exists(os.path.join(args.out, "PREEMPTED")):     # this is the run continuing
+        os.remove(os.path.join(args.out, "PREEMPTED"))
     if resumed_step is not None and os.path.exists(log_path):
         kept = []
         with open(log_path) as f:
@@ -411,14 +453,10 @@ def finish(run, state):
         dist.destroy_process_group()
 
 
-def main(argv=None):
-    run, state, resume_path = start(argv)
+def train(run, state, last_good, signals):
+    """Steps until the budget is spent; after each, what is due at this fraction of it, and
+    whether a preemption signal reached any rank."""
     args = run.args
-    last_good = dict(path=resume_path, step=state.step if resume_path else None)
-    if not resume_path:
-        evaluate(run, state, "start")
-        if 0.0 in args.ckpt_at:
-            save(run, state, last_good, os.path.join(args.out, "ckpt_0.pt"))   # stage 0
     t_start, t_prev = time.time() - state.wall, time.time()
     meter = Meter(t_log=time.time(), units=state.spent)
     while state.spent < args.budget:
@@ -441,6 +479,9 @@ def main(argv=None):
             if run.master and (now - meter.t_log >= args.log_every or state.spent >= args.budget):
                 log_progress(run, state, meter, loss, stats)
             at_fractions(run, state, last_good)
+            signum = signals.agreed(cpu_group())         # every rank, after every step
+            if signum:
+                preempt(run, state, last_good, signum)
             t_prev = time.time()                     # evaluation / saving is not data wait
             if state.spent >= args.budget:
                 break
@@ -448,7 +489,57 @@ def main(argv=None):
             state.epoch += 1
             state.batch_in_epoch = 0
     check_losses(run, state, last_good)
-    finish(run, state)
+
+
+def preempt(run, state, last_good, signum):
+    """A preemption signal (cluster.py): last.pt of this step, then every rank exits with
+    status PREEMPTED (75); OUT/PREEMPTED says so to a requeue script that sees only torchrun's
+    status. --resume continues as from any other save."""
+    last = os.path.join(run.args.out, "last.pt")
+    if (last_good["path"], last_good["step"]) != (last, state.step):
+        save(run, state, last_good, last)
+    message = (f"preempted by {signal_name(signum)} after step {state.step} "
+               f"({state.spent / run.args.budget:.1%} of the budget): saved {last}; exit status "
+               f"{PREEMPTED}; --resume continues from there")
+    if run.master:
+        print(message, flush=True)
+        with open(os.path.join(run.args.out, "PREEMPTED"), "w") as f:
+            f.write(message + "\n")
+    if run.world > 1:
+        dist.destroy_process_group()
+    raise SystemExit(PREEMPTED)
+
+
+def lost_rank(run, state, last_good, error):
+    """A collective failed: a rank died (connection closed) or hangs (--dist-timeout). Every
+    rank that sees it says so and exits 1, so torchrun ends (or, with --max-restarts and
+    --resume, restarts) the group instead of leaving it waiting."""
+    first = str(error).strip().splitlines()[0][:240]
+    print(f"error: rank {run.rank} lost the other ranks after step {state.step} (waited up to "
+          f"--dist-timeout {run.args.dist_timeout:g} min in a collective; a rank died or "
+          f"hangs): {first}; the last good checkpoint is {last_good_text(last_good)}",
+          file=sys.stderr, flush=True)
+    dist.destroy_process_group()            # else the pending collective aborts the process
+    raise SystemExit(1)
+
+
+def main(argv=None):
+    args, parser = get_args(argv)
+    with RunLock(args.out, holder=int(os.environ.get("RANK", 0)) == 0), \
+            PreemptionSignals() as signals:
+        run, state, resume_path = start(args, parser)
+        last_good = dict(path=resume_path, step=state.step if resume_path else None)
+        if not resume_path:
+            evaluate(run, state, "start")
+            if 0.0 in args.ckpt_at:
+                save(run, state, last_good, os.path.join(args.out, "ckpt_0.pt"))   # stage 0
+        try:
+            train(run, state, last_good, signals)
+        except RuntimeError as e:
+            if run.world == 1 or not is_lost_rank(e):
+                raise
+            lost_rank(run, state, last_good, e)
+        finish(run, state)
 
 
 if __name__ == "__main__":

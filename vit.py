@@ -24,6 +24,8 @@ Usage::
     feats = model(x)                                 # (8, 64) class token, after the norm
     fast = model(x, patch_size=8, drop=0.5)          # 16 patches, 8 of them kept
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,17 +67,33 @@ def vit_cpu(**kw):
 
 
 # ============================================================ flexible patch size (§4)
-def resize_matrix(p0, p):
-    """B, the (p²×p0²) matrix of bilinearly resizing a p0×p0 patch to p×p.
+def interpolation_matrix(src, dst, mode):
+    """The (dst_h·dst_w × src_h·src_w) matrix of resizing a src grid to a dst grid with
+    F.interpolate(mode, align_corners=False), in float64.
 
-    Built by resizing each vector of the identity basis: column i of B is the resized
-    image of the patch that is 1 at pixel i and 0 elsewhere. Resizing is linear, so
-    resize(x) = B·vec(x) for every patch x.
-    """
-    basis = torch.eye(p0 * p0, dtype=torch.float64).reshape(p0 * p0, 1, p0, p0)
-    resized = F.interpolate(basis, size=(p, p), mode="bilinear", align_corners=False,
-                            antialias=False)                      # (p0², 1, p, p)
-    return resized.reshape(p0 * p0, p * p).T                      # (p², p0²)
+    Built by resizing each vector of the identity basis: column i is the resized image of the
+    grid that is 1 at cell i and 0 elsewhere. Resizing is linear, so resize(x) = M·vec(x)."""
+    (sh, sw), (dh, dw) = src, dst
+    basis = torch.eye(sh * sw, dtype=torch.float64).reshape(sh * sw, 1, sh, sw)
+    resized = F.interpolate(basis, size=(dh, dw), mode=mode, align_corners=False)
+    return resized.reshape(sh * sw, dh * dw).T                     # (dh·dw, sh·sw)
+
+
+def resize_matrix(p0, p):
+    """B, the (p²×p0²) matrix of bilinearly resizing a p0×p0 patch to p×p."""
+    return interpolation_matrix((p0, p0), (p, p), "bilinear")
+
+
+_MAPS = {}      # (what, key, device, dtype) -> matrix: built once, then no host copy per call
+
+
+def cached_map(build, key, device, dtype):
+    """``build(*key)`` (a float64 matrix) cast and moved to (device, dtype) once: copying it
+    from the host on every call would cost a transfer (and a sync) per forward pass."""
+    k = (build.__name__, key, torch.device(device), dtype)
+    if k not in _MAPS:
+        _MAPS[k] = build(*key).to(device=device, dtype=dtype)
+    return _MAPS[k]
 
 
 def resize_kernel_matrix(p0, p):
@@ -84,9 +102,9 @@ def resize_kernel_matrix(p0, p):
     We want a kernel ŵ that gives, on a patch B·x upsampled from a base patch x, the same
     token as w gives on x:  ⟨B x, ŵ⟩ = ⟨x, w⟩  for all x  ⇔  Bᵀ ŵ = w.  For p ≥ p0, B has
     full column rank, so ŵ = pinv(Bᵀ)·w solves it exactly (and is the least-norm
-    solution); for p < p0 it is the least-squares best. Computed in float64 once per p.
+    solution); for p < p0 it is the least-squares best. In float64 (``cached_map`` casts).
     """
-    return torch.linalg.pinv(resize_matrix(p0, p).T).float()      # (p², p0²)
+    return torch.linalg.pinv(resize_matrix(p0, p).T)               # (p², p0²)
 
 
 class PatchEmbed(nn.Module):
@@ -96,16 +114,13 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self._pinv = {}          # patch size -> pinv(Bᵀ), a cache (not saved in state_dict)
 
     def kernel(self, p):
         """The kernel for patch size p, a differentiable linear map of the base kernel."""
         w = self.proj.weight                                         # (D, C, p0, p0)
         if p == self.patch_size:
             return w
-        if p not in self._pinv:
-            self._pinv[p] = resize_kernel_matrix(self.patch_size, p)
-        m = self._pinv[p].to(device=w.device, dtype=w.dtype)         # (p², p0²)
+        m = cached_map(resize_kernel_matrix, (self.patch_size, p), w.device, w.dtype)  # (p², p0²)
         D, C, p0, _ = w.shape
         w_new = m @ w.reshape(D * C, p0 * p0).T                      # (p², D·C)
         return w_new.T.reshape(D, C, p, p)
@@ -115,21 +130,32 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)                          # (B, N, D)
 
 
+def full_precision(device):
+    """Autocast off on ``device`` (a no-op where it has none, e.g. the meta device)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def interpolate_pos_embed(pos_embed, base_grid, grid):
     """Resize a (1, 1+g0², D) position embedding to a (gh, gw) grid.
 
-    The patch part is viewed as a (1, D, g0, g0) image and resized bicubically with
-    ``size=`` (a scale factor would round differently) in float32 (bicubic in half
-    precision is inaccurate); the class-token position is kept as it is.
+    The patch part, a g0×g0 grid of D-vectors, is resized bicubically (align_corners=False,
+    as timm and DINO) by a precomputed matrix, M (gh·gw × g0²) = the bicubic resize of the
+    identity basis: the same numbers as F.interpolate, but as a matmul, whose backward Mᵀ·g is
+    deterministic on CUDA (bicubic upsampling's backward is not, and raises under
+    ``torch.use_deterministic_algorithms``) and needs no resize kernel. In float32, also under
+    autocast (bicubic weights in half precision are inaccurate); the class-token position is
+    kept as it is.
     """
     if tuple(grid) == (base_grid, base_grid):
         return pos_embed
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    D = pos_embed.shape[-1]
-    patch_pos = patch_pos.reshape(1, base_grid, base_grid, D).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic",
-                              align_corners=False)                  # (1, D, gh, gw)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]          # (1, 1, D), (1, g0², D)
+    m = cached_map(interpolation_matrix, ((base_grid, base_grid), tuple(grid), "bicubic"),
+                   pos_embed.device, torch.float32)                   # (gh·gw, g0²)
+    with full_precision(pos_embed.device):
+        patch_pos = (m @ patch_pos[0].float())[None].to(pos_embed.dtype)   # (1, gh·gw, D)
     return torch.cat([cls_pos, patch_pos], dim=1)                   # (1, 1+gh·gw, D)
 
 
@@ -334,22 +360,38 @@ class ViT(nn.Module):
 
 
 # ========================================================================= interop
+def run_backbone(checkpoint, branch):
+    """The backbone of a train.py checkpoint: from the method's state dict (losses.py names),
+    the online one under ``backbone.``, the target under ``momentum_encoder.backbone.`` (MoCo-v3)
+    or ``teacher.backbone.`` (DINO). Older checkpoints also stored them apart."""
+    kept = {"online": "backbone", "target": "target_backbone"}[branch]
+    if isinstance(checkpoint.get(kept), dict):
+        return checkpoint[kept]
+    method = {k.removeprefix("module."): v for k, v in checkpoint.get("method", {}).items()}
+    prefixes = ("backbone.",) if branch == "online" else ("momentum_encoder.backbone.",
+                                                          "teacher.backbone.")
+    sd = {k[len(p):]: v for k, v in method.items() for p in prefixes if k.startswith(p)}
+    if not sd:
+        raise ValueError(f"the checkpoint holds no {branch} backbone"
+                         + ("; use --branch online" if branch == "target" else ""))
+    return sd
+
+
 def backbone_state_dict(checkpoint, branch="online"):
     """Extract a backbone state dict in the layout above from a published checkpoint.
 
     Accepts a plain timm ``VisionTransformer`` state dict, an official DINO checkpoint
     (``{"student": ..., "teacher": ...}`` with ``module.backbone.`` prefixes), an official
     MoCo-v3 checkpoint (``{"state_dict": ...}`` with ``module.base_encoder.`` /
-    ``module.momentum_encoder.`` prefixes) or a checkpoint written by train.py
-    (``{"backbone": ...}``). ``branch`` picks the online (student / base encoder) or the
+    ``module.momentum_encoder.`` prefixes) or a checkpoint written by train.py (``run_backbone``). ``branch`` picks the online (student / base encoder) or the
     target (teacher / momentum encoder) weights where a checkpoint holds both. Heads
     (``head.*``, ``fc_norm.*``, projectors) are dropped.
     """
     if branch not in ("online", "target"):
         raise ValueError(f"branch {branch!r} must be 'online' or 'target'")
     sd = checkpoint
-    if "backbone" in sd and isinstance(sd["backbone"], dict):                # train.py
-        sd = sd["backbone"]
+    if isinstance(sd.get("method"), dict) or isinstance(sd.get("backbone"), dict):  # train.py
+        sd = run_backbone(sd, branch)
     elif "teacher" in sd and "student" in sd:                                 # DINO
         sd = sd["teacher" if branch == "target" else "student"]
     elif "state_dict" in sd:                                                  # MoCo-v3

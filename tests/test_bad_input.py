@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -40,25 +40,6 @@ TINY = ["--model", "cpu", "--img-size", "16", "--data-size", "128", "--batch-siz
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
-
-
-@pytest.fixture
-def run_main(capsys, monkeypatch):
-    """train.main(argv) here: (exit status, all it printed, the warnings it raised)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")        # train.py then leaves the threads alone
-
-    def call(argv):
-        code = 0
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                train.main(argv)
-            except SystemExit as e:
-                code = e.code
-        out = capsys.readouterr()
-        text = out.out + out.err + (code if isinstance(code, str) else "")
-        return code, text, [str(w.message) for w in caught]
-    return call
 
 
 def digest(path):
@@ -217,22 +198,23 @@ def _doctor(kind, ckpt, path):
     """Turn last.pt into ``kind``; returns what the error must name."""
     if kind == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 100)
-        return ["cannot read the checkpoint"]
+        return ["no readable checkpoint to resume from", "unreadable"]
     if kind == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        return ["cannot read the checkpoint"]
+        return ["no readable checkpoint to resume from", "unreadable"]
     if kind == "plain state dict":
         torch.save(OURS.state_dict(), path)
         return ["is not a checkpoint written by train.py", "blocks.0"]
+    ckpt.pop("checksum")                 # what follows is rewritten with a checksum of its own
     if kind == "narrower model":                          # same method and layers, other width
         ckpt["method"], ckpt["vit_config"] = _state("moco", NARROW), NARROW.config()
-        torch.save(ckpt, path)
+        checkpoint.save_checkpoint(ckpt, str(path))
         d, D = NARROW.dim, OURS.dim
         return ["does not fit the moco model", "ViT configuration", f"'dim': {d}",
                 f"backbone.cls_token: checkpoint (1, 1, {d}) vs model (1, 1, {D})", "more"]
     if kind == "other method's heads":                    # SimCLR weights under MoCo's name
         ckpt["method"] = _state("simclr", OURS)
-        torch.save(ckpt, path)
+        checkpoint.save_checkpoint(ckpt, str(path))
         shape = tuple(_state("moco", OURS)["predictor.0.weight"].shape)
         return ["does not fit the moco model",
                 f"predictor.0.weight: in the model {shape}, not in the checkpoint",
@@ -283,12 +265,12 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
         return (fault(loss) if calls[0] == 3 else loss), stats
     monkeypatch.setattr(losses.MoCoV3, "forward", faulty_forward)
     saves = []
-    real_save = train.save_atomic
+    real_save = train.save_checkpoint
 
-    def recording_save(obj, path):                  # what last.pt held after each save
-        real_save(obj, path)
+    def recording_save(obj, path, keep=1):          # what last.pt held after each save
+        real_save(obj, path, keep)
         saves.append((os.path.basename(path), obj["state"]["step"], digest(path)))
-    monkeypatch.setattr(train, "save_atomic", recording_save)
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
     out = tmp_path / "run"
     code, text, _ = run_main([*TINY, "--method", "moco", "--budget", "1k", "--save-every-steps",
                               "1", "--ckpt-at", "0", "--out", str(out)])

@@ -27,8 +27,10 @@ waiting on its collectives, which the launch timeout turns into a failure).
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ METHODS = ("simclr", "moco", "dino", "multiview")
 N, WORLD, IMG = 8, 2, 16                       # global batch, processes, image side
 
 
-def torchrun(args, restarts=0):
+def torchrun(args, restarts=0, launcher=()):
     """Start ``torchrun --nproc_per_node=2`` (returns the Popen; ``finish`` collects it).
 
     --standalone: a c10d rendezvous on a free port. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
@@ -48,14 +50,15 @@ def torchrun(args, restarts=0):
     addresses of the workers it replaces and fail to connect (pytorch issue 135712)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", f"--max-restarts={restarts}", *args]
+           f"--nproc_per_node={WORLD}", f"--max-restarts={restarts}", *launcher, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(p, timeout=240):
-    """The launch's stdout; a failure if it exits non-zero or outlives ``timeout`` (ranks
-    waiting on each other's collectives never exit: SIGTERM makes torchrun stop its workers)."""
+def finish(p, timeout=240, status=0):
+    """The launch's stdout (and stderr, if ``status`` is not 0); a failure if it exits with
+    another status or outlives ``timeout`` (ranks waiting on each other's collectives never
+    exit: SIGTERM makes torchrun stop its workers)."""
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -66,8 +69,8 @@ def finish(p, timeout=240):
             p.kill()
             out, err = p.communicate()
         pytest.fail(f"torchrun still running after {timeout} s\n{out}{err}")
-    assert p.returncode == 0, out + err
-    return out
+    assert p.returncode == status, out + err
+    return out if status == 0 else out + err
 
 
 # ============================================================== the worker (under torchrun)
@@ -307,6 +310,54 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint_and_changes_nothing(
         assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
 
 
+TINY = ["--method", "moco", "--model", "cpu", "--img-size", str(IMG), "--data-size", "128",
+        "--batch-size", "16", "--eval-every", "0", "--log-every", "0", "--deterministic"]
+
+
+def test_a_preempted_group_saves_one_step_exits_75_and_resumes_bitwise(tmp_path):
+    """SIGTERM to torchrun at about a third of the run: torchrun forwards it to both workers,
+    which finish their step, agree, save last.pt there and exit 75 (torchrun itself, signalled,
+    exits 1: OUT/PREEMPTED tells a requeue script); a torchrun --resume ends bitwise equal to a
+    group that was never stopped."""
+    args = [*TINY, "--budget", "2k", "--save-every", "1", "--ckpt-at", "0"]
+    ref = torchrun(["train.py", *args, "--out", str(tmp_path / "ref")])
+    run = torchrun(["train.py", *args, "--out", str(tmp_path / "run")])
+    for line in run.stdout:
+        if "| step      4 |" in line:
+            run.send_signal(signal.SIGTERM)
+            break
+    out = finish(run, status=1)
+    marker = (tmp_path / "run" / "PREEMPTED").read_text()
+    step = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]["step"]
+    assert f"preempted by SIGTERM after step {step} " in marker and step >= 4, out
+    resumed = finish(torchrun(["train.py", *args, "--out", str(tmp_path / "run"), "--resume"]))
+    finish(ref)
+    assert f"step {step}," in resumed
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ref", "run"))
+    assert a["state"]["step"] == b["state"]["step"] > 2 * step
+    for part in ("method", "optimizer"):
+        flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_a_group_whose_rank_dies_or_hangs_ends_within_the_timeout(tmp_path, fault):
+    """Rank 1 dies (os._exit) or hangs (sleeps outside any collective) at step 3; rank 0 waits
+    in the step's collective. Dead: the connection closes and the group ends at once. Hung:
+    rank 0 gives up after --dist-timeout (0.1 min here), names it, and exits 1; torchrun then
+    ends the group (--shutdown-timeout 5: the hung rank takes SIGTERM as a preemption it never
+    acts on, so torchrun's SIGKILL ends it)."""
+    t0 = time.time()
+    p = torchrun([os.path.abspath(__file__), f"--{'crash' if fault == 'die' else 'hang'}-at",
+                  "3", *TINY, "--budget", "5k", "--dist-timeout", "0.1", "--out",
+                  str(tmp_path / "run")], launcher=["--shutdown-timeout=5"])
+    out = finish(p, timeout=120, status=1)
+    assert time.time() - t0 < 90
+    if fault == "hang":
+        assert "error: rank 0 lost the other ranks after step 2 (waited up to --dist-timeout " \
+               "0.1 min" in out, out
+
+
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "probe.json"
@@ -350,20 +401,74 @@ def test_under_measured_costs_every_rank_charges_rank_0s_prices_and_stops_at_the
     assert a["steps"] == b["steps"] == ckpt["state"]["step"] > 10
 
 
-def crash_main(step, argv):
+def _knn_model_and_sets():
+    """A random ViT (seed 0: the same on every rank) and k-NN sets of 101 and 37 images (odd:
+    the shares of two ranks differ, so padding is exercised)."""
+    import data
+    import vit
+    torch.manual_seed(0)
+    backbone = vit.build_vit("cpu", img_size=IMG)
+    sets = [data.EvalDataset(data.build_dataset("embedded", split=split, img_size=IMG, size=n), IMG)
+            for split, n in (("train", 101), ("val", 37))]
+    return backbone, sets
+
+
+def knn_main(out_path):
+    """eval.knn_accuracy on this rank's shares; rank 0 writes the accuracy and the bank's
+    features as every rank holds them after the gather."""
+    import torch.distributed as dist
+
+    import eval as evaluation
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    backbone, (bank, val) = _knn_model_and_sets()
+    cpu = torch.device("cpu")
+    acc = evaluation.knn_accuracy(backbone, bank, val, cpu, batch_size=16, num_workers=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    feats, labels = evaluation.extract_features(
+        backbone, evaluation._loader(evaluation.shard(bank, rank, world, pad=True), 16), cpu)
+    feats, labels = evaluation.unshard(feats, len(bank)), evaluation.unshard(labels, len(bank))
+    if rank == 0:
+        torch.save(dict(acc=acc, feats=feats, labels=labels, share=len(
+            evaluation.shard(val, rank, world))), out_path)
+    dist.destroy_process_group()
+
+
+def test_knn_over_two_processes_equals_one_process(tmp_path):
+    """Each rank extracts its share of the bank and of the validation set (one loader worker
+    each); the gathered bank is one process's, row for row, and the accuracy the same."""
+    import eval as evaluation
+    out = tmp_path / "knn.pt"
+    finish(torchrun([os.path.abspath(__file__), "--knn", str(out)]))
+    two = torch.load(out, weights_only=False)
+    backbone, (bank, val) = _knn_model_and_sets()
+    cpu = torch.device("cpu")
+    feats, labels = evaluation.extract_features(backbone, evaluation._loader(bank, 16), cpu)
+    assert two["share"] == 19                                      # 37 images: 19 + 18
+    assert torch.equal(two["labels"], labels)
+    torch.testing.assert_close(two["feats"], feats, atol=1e-5, rtol=0)
+    assert two["acc"] == evaluation.knn_accuracy(backbone, bank, val, cpu, batch_size=16)
+
+
+def crash_main(step, argv, fault="die"):
     """train.main(argv), except that the last rank of a run that has no checkpoint yet dies
-    without a word at the start of step ``step`` (as a preempted or failed worker would)."""
+    without a word at the start of step ``step`` (as a failed worker would), or hangs there
+    (``fault="hang"``: as a worker stuck outside any collective would)."""
+    import time
+
     import train
     out = argv[argv.index("--out") + 1]
     if int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1 and \
             not os.path.exists(os.path.join(out, "last.pt")):
         step_once = train.train_step
 
-        def dying_step(run, state, batch):
+        def faulty_step(run, state, batch):
             if state.step + 1 == step:
+                if fault == "hang":
+                    time.sleep(3600)
                 os._exit(3)
             return step_once(run, state, batch)
-        train.train_step = dying_step
+        train.train_step = faulty_step
     train.main(argv)
 
 
@@ -383,5 +488,9 @@ if __name__ == "__main__":
         train_main(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "--crash-at":
         crash_main(int(sys.argv[2]), sys.argv[3:])
+    elif sys.argv[1] == "--knn":
+        knn_main(sys.argv[2])
+    elif sys.argv[1] == "--hang-at":
+        crash_main(int(sys.argv[2]), sys.argv[3:], fault="hang")
     else:
         main(sys.argv[1])

@@ -26,6 +26,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
+import cluster  # noqa: E402
 import train  # noqa: E402
 
 # 16-px images (16 tokens): a step costs a few tens of ms, so a whole test takes seconds.
@@ -47,17 +49,17 @@ def finish(p, timeout=240):
     return out
 
 
-def kill_at(p, step):
-    """SIGKILL ``p`` as soon as it reports ``step`` (steps continue while the line is read);
-    returns its output if something else happened."""
+def kill_at(p, step, sig=signal.SIGKILL, status=-signal.SIGKILL):
+    """Send ``sig`` to ``p`` as soon as it reports ``step`` (steps continue while the line is
+    read); returns None if it then exits with ``status``, else its output."""
     seen = []
     for line in p.stdout:
         seen.append(line)
         if re.search(rf"\| step +{step} \|", line):
-            os.kill(p.pid, signal.SIGKILL)
+            os.kill(p.pid, sig)
             break
-    p.communicate(timeout=60)
-    return None if p.returncode == -signal.SIGKILL else "".join(seen)
+    seen.append(p.communicate(timeout=60)[0])
+    return None if p.returncode == status else "".join(seen)
 
 
 def run_in_process(argv):
@@ -102,13 +104,14 @@ def assert_bitwise_equal(a, b):
     assert a["strategy"] == b["strategy"]
 
 
-def kill_and_resume(tmp_path, args, kill_step, before_resume=None):
+def kill_and_resume(tmp_path, args, kill_step, before_resume=None, sig=signal.SIGKILL,
+                    status=-signal.SIGKILL):
     """(uninterrupted last.pt, resumed last.pt, last.pt as the kill left it, resume's output)."""
     run, killed, resumed = tmp_path / "run", [], []
 
     def kill_then_resume():                    # in a thread, beside the uninterrupted run
         try:
-            killed.append(kill_at(start([*args, "--out", str(run)]), kill_step))
+            killed.append(kill_at(start([*args, "--out", str(run)]), kill_step, sig, status))
             killed.append(load(run / "last.pt"))                 # loadable after a SIGKILL
             if before_resume:
                 before_resume(run)
@@ -198,10 +201,11 @@ def test_resume_after_the_schedule_file_was_edited_is_refused(moco, capsys, monk
     run = moco["tmp"] / "run"
     args = [a if a != str(moco["sched"]) else str(sched) for a in moco["args"]]
     ckpt = load(run / "last.pt")
+    ckpt.pop("checksum")
     ckpt["args"]["accel"] = str(sched)                # as if the file had been edited in place
     copy = tmp_path / "run"
     copy.mkdir()
-    torch.save(ckpt, copy / "last.pt")
+    checkpoint.save_checkpoint(ckpt, str(copy / "last.pt"))
     (copy / "log.jsonl").write_text("")
     with unchanged(copy / "last.pt"):
         code, out = run_main([*TINY, *args, "--out", str(copy), "--resume"], capsys, monkeypatch)
@@ -227,17 +231,38 @@ def test_dino_killed_mid_run_resumes_bitwise_and_ignores_a_partial_save(tmp_path
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_atomic({"step": 1}, path)
+    checkpoint.save_atomic({"step": 1}, path)
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip")         # what a kill mid-write leaves
         raise KeyboardInterrupt                  # stands in for the signal
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomic({"step": 2}, path)
+        checkpoint.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert load(path) == {"step": 1}             # the previous checkpoint, intact
     assert os.path.exists(path + ".tmp")         # the partial one, which a resume removes
+
+
+# ====================================================== preemption: SIGTERM, SIGUSR1
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preempted_run_saves_its_step_exits_75_and_resumes_bitwise(tmp_path, sig):
+    """SIGTERM (SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal) at about a third of the run,
+    with no periodic save due: the run finishes its step, saves last.pt there, leaves
+    OUT/PREEMPTED and exits 75; --resume continues from that very step to the weights of the
+    uninterrupted run, and removes the marker."""
+    args = ["--method", "dino", "--budget", "2.2k", "--accel", "q:drop=0.5", "--local-crops", "2",
+            "--save-every-steps", "0", "--ckpt-at", "0"]           # no save but the preemption's
+    marker = []
+    ref, run, killed, out = kill_and_resume(tmp_path, args, kill_step=3, sig=sig,
+                                            status=cluster.PREEMPTED, before_resume=lambda run:
+                                            marker.append((run / "PREEMPTED").read_text()))
+    step = killed["state"]["step"]
+    assert 3 <= step < ref["state"]["step"] // 2, step       # saved where it was stopped
+    assert f"preempted by {sig.name} after step {step} " in marker[0], marker
+    assert f"resumed from {tmp_path / 'run' / 'last.pt'}: step {step}," in out, out
+    assert_bitwise_equal(ref, run)
+    assert not (tmp_path / "run" / "PREEMPTED").exists()
 
 
 # ============================================================== --accel auto

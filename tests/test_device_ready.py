@@ -1,0 +1,194 @@
+"""Proxies, on a CPU, for what a first run on GPUs would meet: a training step that reads a
+value back to the host, an op that raises under ``--deterministic`` on CUDA, device state tied
+to the number of visible GPUs.
+
+* Every method's step (forward with token dropout and patch scaling, backward, EMA) runs on
+  the ``meta`` device, where tensors have no data: any ``.item()``, any list turned into a
+  tensor on the host, any CPU tensor mixed in, fails there.
+* The ops of train.train_step, recorded with a dispatch mode on CPU: none of them reads a
+  value back (``.item()``, ``nonzero``, ``equal`` ...: a host sync on a GPU), and none is on
+  PyTorch's list of ops that raise on CUDA under ``torch.use_deterministic_algorithms``.
+"""
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoint  # noqa: E402
+import compress  # noqa: E402
+import distributed  # noqa: E402
+import losses  # noqa: E402
+import train  # noqa: E402
+import vit  # noqa: E402
+from options import get_args  # noqa: E402
+from run import build_run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
+METHODS = ("simclr", "moco", "dino", "multiview")
+STRATEGY = "q:drop=0.5,patch=8;k:patch=8"                 # dropout and patch scaling both
+
+# Ops that wait for a device value on the host (aten names, overloads dropped).
+SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal",
+         "allclose", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"}
+# torch.use_deterministic_algorithms' "will throw a RuntimeError" list (torch 2.14), as the
+# aten ops that run on CPU in their place (backward ops where it is their gradient that raises).
+NONDETERMINISTIC_ON_CUDA = {
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward",
+    "upsample_trilinear3d_backward", "_upsample_bilinear2d_aa_backward",
+    "_upsample_bicubic2d_aa_backward", "avg_pool3d_backward", "_adaptive_avg_pool2d_backward",
+    "_adaptive_avg_pool3d_backward", "adaptive_max_pool2d_backward",
+    "fractional_max_pool2d_backward", "fractional_max_pool3d_backward", "max_unpool2d",
+    "max_unpool3d", "reflection_pad1d_backward", "reflection_pad2d_backward",
+    "reflection_pad3d_backward", "nll_loss2d_forward", "_ctc_loss_backward",
+    "_embedding_bag_backward", "put_", "put", "histc", "bincount", "median",
+    "grid_sampler_2d_backward", "grid_sampler_3d_backward", "scatter_reduce"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """The aten op names called inside the ``with`` block, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _views(method, device, n=4, size=16, local=8):
+    views = [torch.randn(n, 3, size, size, device=device) for _ in range(2)]
+    if method == "dino":
+        views += [torch.randn(n, 3, local, local, device=device) for _ in range(2)]
+    return views
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_methods_step_runs_on_the_meta_device(method):
+    with torch.device("meta"):
+        backbone = vit.build_vit("cpu", img_size=16)
+        model = losses.build_method(method, backbone, **losses.head_sizes(method, backbone.dim))
+    views = _views(method, "meta")
+    strategy = compress.Strategy.parse(STRATEGY).resolve(len(views))
+    loss, stats = model(views, strategy.q, strategy.k, 0.3)
+    loss.backward()
+    model.update_target(0.3)
+    assert loss.device.type == "meta"
+    assert all(v.device.type == "meta" for v in stats.values() if torch.is_tensor(v))
+    assert all(torch.is_tensor(v) or k == "teacher_temp" for k, v in stats.items())  # a schedule
+    assert backbone.blocks[0].attn.qkv.weight.grad.device.type == "meta"
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def recorded(request):
+    """The ops of three train.train_step calls of ``method`` (embedded data, batch 8, the
+    strategy above; DINO with its local crops and gradient clipping)."""
+    method = request.param
+    args, _ = get_args(["--method", method, "--model", "cpu", "--img-size", "16", "--data-size",
+                        "64", "--batch-size", "8", "--eval-every", "0", "--accel", STRATEGY,
+                        "--out", "unused"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                    # (a module fixture: before ``one_thread``)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        run = build_run(args)
+        state = train.TrainState(prices=[args.batch_size * run.price(s)
+                                         for _, s in run.accel.stages])
+        loader = iter(run.loader)
+        batches = [next(loader)[0] for _ in range(4)]          # (the loader works on the host)
+        train.train_step(run, state, batches[0])            # warm-up: caches, optimizer state
+        with OpRecorder() as recorder:
+            for batch in batches[1:]:
+                train.train_step(run, state, batch)
+    torch.set_num_threads(threads)
+    return method, recorder.ops
+
+
+def test_a_training_step_never_reads_a_value_back_to_the_host(recorded):
+    method, ops = recorded
+    assert len(ops) > 100                                      # the recorder saw the step
+    assert not [op for op in ops if op in SYNCS], method
+
+
+def test_no_op_of_a_step_raises_on_cuda_under_deterministic_algorithms(recorded):
+    method, ops = recorded
+    assert not sorted(set(ops) & NONDETERMINISTIC_ON_CUDA), method
+    assert "mm" in ops or "addmm" in ops                       # the position-embedding map, etc.
+
+
+def test_the_position_embedding_resize_has_no_interpolation_backward():
+    """The op the bicubic resize's gradient used to be: it raises on CUDA when deterministic."""
+    model = vit.build_vit("cpu", img_size=16)
+    with OpRecorder() as recorder:
+        (model(torch.randn(2, 3, 16, 16), patch_size=8) @ torch.randn(model.dim)).sum().backward()
+    assert "upsample_bicubic2d_backward" not in recorder.ops
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+def test_the_ema_is_one_fused_pass_with_the_momentum_formula():
+    torch.manual_seed(0)
+    online, target = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    before = [p.detach().clone() for p in target.parameters()]
+    with OpRecorder() as recorder:
+        losses.ema_update(target, online, 0.9)
+    for b, p_t, p_o in zip(before, target.parameters(), online.parameters()):
+        torch.testing.assert_close(p_t, 0.9 * b + 0.1 * p_o.detach(), atol=1e-6, rtol=0)
+    assert recorder.ops.count("_foreach_lerp_") == 1 and "add_" not in recorder.ops
+
+
+# ================================================== GPUs that are visible, or not
+@pytest.mark.parametrize("local_rank, visible, device", [(0, 8, 0), (5, 8, 5), (5, 1, 0),
+                                                         (0, 1, 0)])
+def test_each_rank_takes_its_own_gpu_however_many_the_launcher_shows(local_rank, visible,
+                                                                    device):
+    assert distributed.local_device(local_rank, visible) == device
+
+
+def test_more_processes_than_visible_gpus_is_refused_naming_both():
+    with pytest.raises(RuntimeError, match="local rank 3 but only 2 GPUs visible"):
+        distributed.local_device(3, 2)
+
+
+def test_a_resume_restores_this_ranks_device_stream_whatever_the_saved_count(monkeypatch):
+    """A checkpoint written where 8 GPUs were visible (one state each, the old format) resumes
+    where one is (SLURM's one GPU per task): the state of this rank's device is taken; the
+    new format holds only that one state."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s))
+    state = checkpoint.rng_state()
+    for saved in ([torch.full((8,), i, dtype=torch.uint8) for i in range(8)],     # 8 GPUs
+                  torch.full((8,), 7, dtype=torch.uint8)):                        # this one
+        checkpoint.set_rng_state({**state, "cuda": saved})
+    assert [int(s[0]) for s in restored] == [0, 7]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 9)      # not among the saved
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)] * 8})
+    assert len(restored) == 2                                        # skipped, no error
+
+
+# ===================================================== prices in the step's precision
+def test_measured_prices_time_the_steps_batch_in_the_steps_precision(monkeypatch):
+    """--cost measured times this rank's batch under the step's autocast (bf16 on a GPU; here
+    asked for on the CPU), not float32 at a fixed batch of 32."""
+    seen = []
+    forward = vit.ViT.forward
+
+    def recording_forward(self, images, *args, **kwargs):
+        seen.append((images.shape[0], torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return forward(self, images, *args, **kwargs)
+    monkeypatch.setattr(vit.ViT, "forward", recording_forward)
+    model = vit.build_vit("cpu", img_size=16)
+    compress.CostModel(model, "measured", batch=6, reps=1, dtype=torch.bfloat16)
+    assert seen and set(seen) == {(6, True, torch.bfloat16)}
+    args, _ = get_args(["--method", "moco", "--model", "cpu", "--img-size", "16", "--data-size",
+                        "64", "--batch-size", "8", "--cost", "measured", "--out", "unused"])
+    run = build_run(args, world=2, train=False)
+    assert run.cost.batch == 4 and run.cost.dtype is None         # per rank; float32 on a CPU
