@@ -25,8 +25,12 @@ none), so ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-res
 train.py ... --resume`` restarts a failed group from its last checkpoint by itself. A resumed
 run restores the weights, the momentum encoder / teacher, the optimizer, DINO's centre, every
 RNG stream of every rank, the position in the epoch and the budget spent, and so ends with
-the weights of an uninterrupted run (bitwise on CPU with ``--deterministic``). A run that
-stops on a non-finite loss leaves ``STOPPED`` in --out, so restarts do not replay it.
+the weights of an uninterrupted run (bitwise on CPU with ``--deterministic``). SIGTERM or
+SIGUSR1 (a scheduler's preemption) saves ``last.pt`` after the current step and exits with
+status 75 (cluster.py); a damaged ``last.pt`` falls back to the newest good checkpoint
+(checkpoint.py); a failed save, a lost rank (``--dist-timeout``) or a second run into the same
+--out stop with a message. A run that stops on a non-finite loss leaves ``STOPPED`` in --out,
+so restarts do not replay it.
 
 The file reads top-down: the state a resume restores, the step of §6, what happens at
 fractions of the budget (evaluation, checkpoints, the auto probe), logging, and the loop.
