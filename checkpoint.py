@@ -1,16 +1,21 @@
 """Checkpoints of a run: written atomically, checked before they are read, restored whole.
 
-Concern: what makes a days-long run survive being killed (train.py's ``--resume``): every
-file is written to ``*.tmp`` and renamed, so a kill mid-save leaves the previous checkpoint
-intact; a checkpoint holds the settings it was trained with, and a resume with other
-settings, or into a model of another shape, is refused with every difference listed — never
-a silent partial load; the RNG streams of every rank are saved and restored, so a resumed run
-ends with the weights of an uninterrupted one. It also reads backbones out of published
-checkpoints (timm, DINO, MoCo-v3) for evaluation, through vit.py's key layout.
+Concern: what makes a days-long run survive being killed, and its disk failing (train.py's
+``--resume``): every file is written to ``*.tmp`` and renamed, so a kill mid-save leaves the
+previous checkpoint intact, and a failed write (disk full, I/O error) says where and why and
+leaves it too; the previous ``last.pt`` is kept as ``last-1.pt`` (``--keep-last``); a
+checkpoint carries a checksum of its content, and a resume that finds ``last.pt`` damaged
+falls back to the newest good one; a checkpoint holds the settings it was trained with, and a
+resume with other settings, or into a model of another shape, is refused with every
+difference listed — never a silent partial load; the RNG streams of every rank are saved and
+restored, so a resumed run ends with the weights of an uninterrupted one. It also reads
+backbones out of published checkpoints (timm, DINO, MoCo-v3) for evaluation, through vit.py's
+key layout.
 
-    from checkpoint import save_atomic, state_dict_mismatch, load_backbone
+    from checkpoint import save_checkpoint, load_checked, state_dict_mismatch, load_backbone
     backbone, info = load_backbone("dino_deitsmall16_pretrain.pth", model="small")  # any layout
-    save_atomic({"step": 1}, "runs/x/last.pt")          # last.pt.tmp, fsync, rename
+    save_checkpoint({"step": 1}, "runs/x/last.pt", keep=2)  # .tmp, fsync, last-1.pt, rename
+    load_checked("runs/x/last.pt")                          # BadCheckpoint if damaged
     state_dict_mismatch(model, torch.load("other.pt"))   # ['  blocks.0.attn.qkv.weight: ...']
 """
 import argparse
