@@ -53,13 +53,22 @@ def _write_failed(path, e):
 
 
 def rotate(path, keep):
-    """path → path-1 → path-2 ... → path-(keep-1) (the oldest dropped): ``keep`` files in all
-    once ``path`` is rewritten. ``last.pt`` becomes ``last-1.pt``, and so on."""
+    """path-(keep-2) → path-(keep-1), ..., path-1 → path-2 (the oldest dropped), then path is
+    linked as path-1: ``keep`` files in all once ``path`` is replaced. ``path`` itself stays in
+    place until that replace, so a kill at any moment leaves a complete ``last.pt``."""
+    if keep < 2 or not os.path.exists(path):
+        return
     stem, ext = os.path.splitext(path)
-    older = [path] + [f"{stem}-{i}{ext}" for i in range(1, keep)]
+    older = [f"{stem}-{i}{ext}" for i in range(1, keep)]
     for src, dst in reversed(list(zip(older, older[1:]))):
         if os.path.exists(src):
             os.replace(src, dst)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(older[0])
+    try:
+        os.link(path, older[0])                  # no copy: the same blocks under a second name
+    except OSError:                              # a file system without hard links
+        shutil.copyfile(path, older[0])
 
 
 def save_atomic(obj, path, keep=1):
@@ -169,8 +178,8 @@ def set_rng_state(s):
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
     cuda = s["cuda"]
-    if isinstance(cuda, (list, tuple)):
-        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if isinstance(cuda, (list, tuple)):        # one per GPU the writing rank saw: its own was
+        index = 0 if len(cuda) == 1 else int(os.environ.get("LOCAL_RANK", 0))  # its local rank's
         cuda = cuda[index] if index < len(cuda) else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
@@ -215,22 +224,28 @@ def resumable(out):
     return sorted(paths, key=lambda p: os.path.basename(p) != "last.pt")     # stable
 
 
-def read_resumable(paths, args, accel, verbose=True):
+def read_resumable(paths, args, accel):
     """The newest of ``paths`` that reads, passes its checksum and holds a whole checkpoint:
-    → (path, checkpoint). Every one skipped is named with what is wrong with it; if none is
-    good, the run stops rather than start from scratch over a run it cannot read."""
+    → (path, checkpoint). Every one skipped is named with what is wrong with it and set aside
+    as ``<name>.bad`` (so that no later rotation keeps it in place of a good one); if none is
+    good, the run stops rather than start from scratch over a run it cannot read, and touches
+    nothing."""
     failures = []
     for path in paths:
         try:
             ckpt = load_checked(path)
         except BadCheckpoint as e:
             failures.append(f"{path}: {e}")
-            if verbose:
-                print(f"warning: cannot resume from {path}: {e}"
-                      + (f"; trying {paths[len(failures)]}" if len(failures) < len(paths) else ""),
-                      flush=True)
+            print(f"warning: cannot resume from {path}: {e}"
+                  + (f"; trying {paths[len(failures)]}" if len(failures) < len(paths) else ""),
+                  flush=True)
             continue
-        return path, check_settings(ckpt, path, args, accel)
+        ckpt = check_settings(ckpt, path, args, accel)
+        for bad in paths[:len(failures)]:
+            os.replace(bad, bad + ".bad")
+        if failures:
+            print(f"note: set aside {len(failures)} damaged checkpoint(s) as *.bad", flush=True)
+        return path, ckpt
     raise SystemExit("error: no readable checkpoint to resume from:\n  " + "\n  ".join(failures)
                      + "\nmove them away (or drop --resume and pass --overwrite) to start afresh")
 

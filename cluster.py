@@ -52,8 +52,8 @@ class PreemptionSignals:
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        for s, handler in self._previous.items():       # None: installed outside Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
     def agreed(self, group=None):
@@ -68,7 +68,9 @@ class PreemptionSignals:
 def ignore_preemption_signals(worker_id=None):
     """Data-loader workers ignore the signals: SLURM signals every process of a job step, and
     a worker that died of it would fail the batch the training process is still waiting for.
-    The training process ends its workers itself (DataLoader ``worker_init_fn``)."""
+    The training process ends its workers itself (DataLoader ``worker_init_fn``): they leave on
+    its sentinel, or when they see it gone; only a worker stuck in a read outlives PyTorch's
+    last-resort SIGTERM, until the job's SIGKILL."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 

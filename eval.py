@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 import vit
 from checkpoint import load_backbone
+from cluster import ignore_preemption_signals
 from distributed import gather_no_grad, rank_world
 from run import weight_decay_groups
 from schedule import learning_rate
@@ -42,9 +43,12 @@ from schedule import learning_rate
 
 # ============================================================================== features
 def _loader(dataset, batch_size, num_workers=0, device="cpu", shuffle=False, generator=None):
+    """Workers ignore preemption signals, as training's do (cluster.py): train.py evaluates
+    with them, and a worker killed by a job-wide SIGTERM would fail the evaluation."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                      drop_last=shuffle and len(dataset) > batch_size)
+                      drop_last=shuffle and len(dataset) > batch_size,
+                      worker_init_fn=ignore_preemption_signals)
 
 
 def _autocast(device):
@@ -132,7 +136,8 @@ def knn_accuracy(backbone, train_set, val_set, device, k=20, temperature=0.07, b
     val_feats, val_labels = extract_features(
         backbone, _loader(shard(val_set, rank, world), batch_size, num_workers, device), device)
     preds = knn_classify(train_feats, train_labels, val_feats, k, temperature,
-                         num_classes=_num_classes(train_set, train_labels))
+                         num_classes=_num_classes(train_set, train_labels)) if len(val_feats) \
+        else val_labels                                       # an empty share (more ranks)
     counts = torch.stack([(preds == val_labels).sum(), torch.tensor(len(val_labels))
                           .to(preds.device)]).double()           # (correct, seen) on this rank
     if world > 1:

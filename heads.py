@@ -26,7 +26,9 @@ def float32(fn):
     def wrapper(*args, **kwargs):
         up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32)) \
             if torch.is_tensor(x) and x.is_floating_point() else x             # noqa: E731
-        device = next((x.device for x in args if torch.is_tensor(x)), torch.device("cpu"))
+        tensors = [x for a in args for x in (a if isinstance(a, list) else [a])
+                   if torch.is_tensor(x)]          # the losses take lists of views' embeddings
+        device = tensors[0].device if tensors else torch.device("cpu")
         with full_precision(device):
             return fn(*[up(a) if not isinstance(a, list) else [up(x) for x in a] for a in args],
                       **{k: up(v) for k, v in kwargs.items()})

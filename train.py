@@ -393,8 +393,20 @@ def resume(run, candidates):
     """The newest good checkpoint of ``candidates`` restored into ``run``: weights, optimizer,
     this rank's RNG streams; → (its TrainState, its path)."""
     args, rank, world = run.args, run.rank, run.world
-    path, ckpt = read_resumable(candidates, args, None if args.accel == "auto" else run.accel,
-                                verbose=run.master)
+    accel = None if args.accel == "auto" else run.accel
+    choice = [None, None]                     # rank 0 chooses (one read, one decision), or why not
+    if run.master:
+        try:
+            path, ckpt = read_resumable(candidates, args, accel)
+            choice[0] = path
+        except SystemExit as e:
+            choice[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0, group=cpu_group())
+    if choice[1]:
+        raise SystemExit(choice[1] if run.master else 1)
+    if not run.master:
+        path, ckpt = read_resumable(choice[:1], args, accel)
     restore(ckpt, path, args, run.backbone, run.method, run.optimizer)
     state = TrainState.from_dict(ckpt["state"])
     if len(ckpt["rng"]) == world:
@@ -413,13 +425,14 @@ def resume(run, candidates):
 
 def prepare_out_dir(args, resumed_step):
     """--out for this run: partial saves of a killed run removed, log lines written after the
-    checkpoint it resumes dropped (or the log of an --overwrite'd run removed), args.json."""
+    checkpoint it resumes dropped (or the log and checkpoints of an --overwrite'd run removed,
+    so that no fallback can resume it), args.json."""
     os.makedirs(args.out, exist_ok=True)
     for name in os.listdir(args.out):       # left by a save that a kill interrupted
         if name.endswith(".pt.tmp"):
             os.remove(os.path.join(args.out, name))
             print(f"note: removed {name}, a partial save of an interrupted run", flush=True)
-    log_path, stopped = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "STOPPED")
+    log_path = os.path.join(args.out, "log.jsonl")
     if os.path.exists(os.path.join(args.out, "PREEMPTED")):     # this is the run continuing
         os.remove(os.path.join(args.out, "PREEMPTED"))
     if resumed_step is not None and os.path.exists(log_path):
@@ -435,8 +448,14 @@ def prepare_out_dir(args, resumed_step):
             f.writelines(kept)
     elif os.path.exists(log_path):
         os.remove(log_path)                 # --overwrite
-    if resumed_step is None and os.path.exists(stopped):
-        os.remove(stopped)
+    if resumed_step is None:                # a fresh run: nothing of a replaced one may be
+        replaced = [n for n in os.listdir(args.out) if n == "STOPPED" or    # resumed or probed
+                    (n.endswith((".pt", ".pt.bad")) and n.startswith(("last", "ckpt_")))]
+        for name in replaced:
+            os.remove(os.path.join(args.out, name))
+        if [n for n in replaced if n != "STOPPED"]:
+            print(f"note: --overwrite removed the replaced run's {len(replaced)} checkpoint "
+                  "file(s)", flush=True)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
 
@@ -482,10 +501,10 @@ def train(run, state, last_good, signals):
                 check_losses(run, state, last_good)
             if run.master and (now - meter.t_log >= args.log_every or state.spent >= args.budget):
                 log_progress(run, state, meter, loss, stats)
+            signum = signals.agreed(cpu_group())         # every rank, after every step: before
+            if signum:                                   # an evaluation or save eats the grace
+                preempt(run, state, last_good, signum)   # period
             at_fractions(run, state, last_good)
-            signum = signals.agreed(cpu_group())         # every rank, after every step
-            if signum:
-                preempt(run, state, last_good, signum)
             t_prev = time.time()                     # evaluation / saving is not data wait
             if state.spent >= args.budget:
                 break

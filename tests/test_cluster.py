@@ -124,6 +124,8 @@ def test_a_damaged_last_pt_falls_back_to_the_previous_one_and_ends_the_same(
     assert f"trying {run / 'last-1.pt'}" in text
     assert f"resumed from {run / 'last-1.pt'}: step {step - 1}," in text, text
     assert_bitwise_equal(final, load(run / "last.pt"))       # the lost step, replayed
+    assert (run / "last.pt.bad").exists()      # set aside: no rotation can keep it instead
+    assert load(run / "last-1.pt")["state"]["step"] == step - 1
 
 
 def test_a_run_with_no_readable_checkpoint_stops_instead_of_starting_afresh(
@@ -203,3 +205,14 @@ def test_image_files_that_vanish_or_go_bad_mid_run_are_skipped_and_counted(
     assert "warning: 2 unreadable training image(s) were skipped" in text, text
     skipped = load(out / "last.pt")["state"]["bad_files"]
     assert sorted(skipped) == sorted([str(gone), str(bad)])
+
+
+def test_overwrite_removes_the_replaced_runs_checkpoints(tmp_path, run_main):
+    """Else a later fallback (or the probe) could pick up a checkpoint of the run replaced."""
+    out = tmp_path / "run"
+    assert run_main([*TINY, "--budget", "1k", "--ckpt-at", "0,0.5", "--out", str(out)])[0] == 0
+    assert (out / "ckpt_50.pt").exists()
+    code, text, _ = run_main([*TINY, "--budget", "200", "--out", str(out), "--overwrite"])
+    assert code == 0 and "--overwrite removed the replaced run's" in text, text
+    assert not (out / "ckpt_50.pt").exists()
+    assert {load(out / n)["args"]["budget"] for n in os.listdir(out) if n.endswith(".pt")} == {200}
