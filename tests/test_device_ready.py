@@ -156,19 +156,19 @@ def test_more_processes_than_visible_gpus_is_refused_naming_both():
 
 
 def test_a_resume_restores_this_ranks_device_stream_whatever_the_saved_count(monkeypatch):
-    """A checkpoint written where 8 GPUs were visible (one state each, the old format) resumes
-    where one is (SLURM's one GPU per task): the state of this rank's device is taken; the
-    new format holds only that one state."""
+    """A checkpoint written where 8 GPUs were visible (one state each, the old format: rank r
+    used GPU r) resumes where each process sees one (SLURM's one GPU per task): local rank 3
+    takes entry 3; the new format holds only the rank's own state."""
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s))
+    monkeypatch.setenv("LOCAL_RANK", "3")
     state = checkpoint.rng_state()
     for saved in ([torch.full((8,), i, dtype=torch.uint8) for i in range(8)],     # 8 GPUs
                   torch.full((8,), 7, dtype=torch.uint8)):                        # this one
         checkpoint.set_rng_state({**state, "cuda": saved})
-    assert [int(s[0]) for s in restored] == [0, 7]
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 9)      # not among the saved
+    assert [int(s[0]) for s in restored] == [3, 7]
+    monkeypatch.setenv("LOCAL_RANK", "9")                             # not among the saved
     checkpoint.set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)] * 8})
     assert len(restored) == 2                                        # skipped, no error
 
