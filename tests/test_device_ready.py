@@ -192,3 +192,15 @@ def test_measured_prices_time_the_steps_batch_in_the_steps_precision(monkeypatch
                         "64", "--batch-size", "8", "--cost", "measured", "--out", "unused"])
     run = build_run(args, world=2, train=False)
     assert run.cost.batch == 4 and run.cost.dtype is None         # per rank; float32 on a CPU
+
+
+def test_the_losses_float32_island_switches_autocast_off_on_their_own_device(monkeypatch):
+    """heads.float32 takes its device from the tensors inside a list argument too (the losses
+    take lists of embeddings): on a GPU it must switch CUDA's autocast off, not the CPU's."""
+    import heads
+    seen = []
+    monkeypatch.setattr(heads, "full_precision", lambda device: seen.append(device) or
+                        vit.full_precision(device))
+    loss = heads.float32(lambda zs: sum(z.sum() for z in zs))
+    loss([torch.ones(2, 3, device="meta"), torch.ones(2, 3, device="meta")])
+    assert seen == [torch.device("meta")]
