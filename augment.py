@@ -253,7 +253,8 @@ def _on(x, sel, op, *args):
 
 def augment_batch(images, recipe, params):
     """augment for a batch, each op run once with a parameter per image: B uint8 images (3, H_b,
-    W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → uint8 (B, 3, size, size). An op runs on the images whose coin came up (``_on``); the jitter's
+    W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → uint8 (B, 3, size,
+    size). An op runs on the images whose coin came up (``_on``); the jitter's
     random order is four rounds, round j applying to each image the op at position j of its
     order. Matches augment to float rounding (≲ 1e-5 before ``to_uint8``, so at most one level
     apart after), and each image's result is the same in any batch."""

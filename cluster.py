@@ -59,9 +59,10 @@ class PreemptionSignals:
     def agreed(self, group=None):
         """The signal any rank has received (0: none), the same on every rank. Called by every
         rank after every step: a CPU all-reduce (on ``group``; gloo), no device sync."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received                            # one process: nothing to agree on
         flag = torch.tensor([self.received])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return int(flag)
 
 

@@ -383,9 +383,10 @@ def backbone_state_dict(checkpoint, branch="online"):
     Accepts a plain timm ``VisionTransformer`` state dict, an official DINO checkpoint
     (``{"student": ..., "teacher": ...}`` with ``module.backbone.`` prefixes), an official
     MoCo-v3 checkpoint (``{"state_dict": ...}`` with ``module.base_encoder.`` /
-    ``module.momentum_encoder.`` prefixes) or a checkpoint written by train.py (``run_backbone``). ``branch`` picks the online (student / base encoder) or the
-    target (teacher / momentum encoder) weights where a checkpoint holds both. Heads
-    (``head.*``, ``fc_norm.*``, projectors) are dropped.
+    ``module.momentum_encoder.`` prefixes) or a checkpoint written by train.py
+    (``run_backbone``). ``branch`` picks the online (student / base encoder) or the target
+    (teacher / momentum encoder) weights where a checkpoint holds both. Heads (``head.*``,
+    ``fc_norm.*``, projectors) are dropped.
     """
     if branch not in ("online", "target"):
         raise ValueError(f"branch {branch!r} must be 'online' or 'target'")
