@@ -58,7 +58,7 @@ import augment
 import compress
 import data
 from bench_loader import bench_loader, loader_base, loader_rate
-import losses
+import methods
 import vit
 from compress import forward_flops
 from schedule import parse_grid
@@ -275,7 +275,7 @@ def bench_methods(args, device):
         for name in [m for m in ("simclr", "moco", "dino") if m in args.methods]:
             torch.manual_seed(0)
             backbone = vit.build_vit(model_name)
-            method = losses.build_method(name, backbone, **losses.head_sizes(name, backbone.dim))
+            method = methods.build_method(name, backbone, **methods.head_sizes(name, backbone.dim))
             method = method.to(device).train()
             opt = make_adamw([p for p in method.parameters() if p.requires_grad])
             recipes = augment.build_views(name, img, colour="strong" if img <= 64 else "official")
@@ -319,7 +319,7 @@ def bench_adamw(args, device):
     for model_name in args.adamw_models:
         torch.manual_seed(0)
         backbone = vit.build_vit(model_name)
-        method = losses.build_method("simclr", backbone, **losses.head_sizes("simclr", backbone.dim))
+        method = methods.build_method("simclr", backbone, **methods.head_sizes("simclr", backbone.dim))
         params = [p for p in method.to(device).parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3

@@ -249,11 +249,11 @@ def fig_cost(args):
     """Fig. 3: one sample's cost over the query's drop × patch, relative to the uncompressed
     sample, for ``--method`` with its heads: the FLOP model next to timed forward passes."""
     import compress
-    import losses
+    import methods
     import vit
     model, name = vit.build_vit(args.model), args.method
     patches, drops = compress.default_patch_grid(model.patch_size), compress.DROP_GRID
-    heads = losses.build_method(name, model, **losses.head_sizes(name, model.dim)).cost_heads()
+    heads = methods.build_method(name, model, **methods.head_sizes(name, model.dim)).cost_heads()
     models = {mode: compress.CostModel(model, mode, heads=heads, reps=args.reps)
               for mode in ("flops", "measured")}
     base = {mode: c.sample_units(name, compress.NONE.resolve(2)) for mode, c in models.items()}

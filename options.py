@@ -169,7 +169,7 @@ def _add_recipe_flags(ap):
     # ----- DINO -----
     ap.add_argument("--out-dim", type=int, default=None,
                     help="DINO: prototypes K of the head; official 65536, default 4096 for "
-                         "narrow backbones (dim < 256; losses.head_sizes), where small batches "
+                         "narrow backbones (dim < 256; methods.head_sizes), where small batches "
                          "and few steps cannot spread mass over 65k prototypes")
     ap.add_argument("--teacher-temp", type=float, default=0.04,
                     help="DINO: teacher temperature τ_t after warm-up (official default 0.04; "
@@ -223,10 +223,10 @@ def _add_recipe_flags(ap):
     ap.add_argument("--proj-dim", type=int, default=None,
                     help="multiview: projector width d (hidden = d, as the authors' code); "
                          "default min(128, batch) — a d × d correlation estimated from fewer "
-                         "rows than d is rank-deficient (losses.method_kwargs)")
+                         "rows than d is rank-deficient (methods.method_kwargs)")
     ap.add_argument("--lambd", type=float, default=None,
                     help="multiview: weight λ of the off-diagonal (orthogonality) term; "
-                         "default 0.04 (losses.MultiView: the authors' CIFAR-10 sweeps pair "
+                         "default 0.04 (methods.MultiView: the authors' CIFAR-10 sweeps pair "
                          "d ≤ 128 with λ = 0.04, λ·d ≈ 2.5–5)")
 
 

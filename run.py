@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import augment
 import compress
 import data
-import losses
+import methods
 import vit
 from schedule import StageSchedule, parse_grid
 
@@ -145,10 +145,10 @@ def build_method(args, backbone, device):
     if args.stop_grad_conv1:              # MoCo-v3: a random, frozen patch projection
         backbone.freeze_patch_embed()
     try:
-        kwargs = losses.method_kwargs(args, backbone.dim)
+        kwargs = methods.method_kwargs(args, backbone.dim)
     except ValueError as e:
         raise BadRun(str(e)) from None
-    return losses.build_method(args.method, backbone, **kwargs).to(device), kwargs
+    return methods.build_method(args.method, backbone, **kwargs).to(device), kwargs
 
 
 def weight_decay_groups(module, exempt_1d, exempt_tokens=False):

@@ -361,7 +361,7 @@ class ViT(nn.Module):
 
 # ========================================================================= interop
 def run_backbone(checkpoint, branch):
-    """The backbone of a train.py checkpoint: from the method's state dict (losses.py names),
+    """The backbone of a train.py checkpoint: from the method's state dict (methods.py names),
     the online one under ``backbone.``, the target under ``momentum_encoder.backbone.`` (MoCo-v3)
     or ``teacher.backbone.`` (DINO). Older checkpoints also stored them apart."""
     kept = {"online": "backbone", "target": "target_backbone"}[branch]

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
-import losses  # noqa: E402
+import methods  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
@@ -190,8 +190,8 @@ NARROW = vit.ViT(img_size=16, patch_size=4, dim=OURS.dim // 2, depth=OURS.depth,
 
 
 def _state(method, backbone):
-    return losses.build_method(method, backbone,
-                               **losses.head_sizes(method, backbone.dim)).state_dict()
+    return methods.build_method(method, backbone,
+                               **methods.head_sizes(method, backbone.dim)).state_dict()
 
 
 def _doctor(kind, ckpt, path):
@@ -257,13 +257,13 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
     """The loss of step 3 turns NaN (a diverging run): the run stops before anything after
     step 2 is saved. Its gradient turns NaN (finite loss, weights turn NaN): the save after
     it is refused. Either way last.pt is byte for byte step 2's."""
-    forward, calls = losses.MoCoV3.forward, [0]
+    forward, calls = methods.MoCoV3.forward, [0]
 
     def faulty_forward(self, *args, **kwargs):
         loss, stats = forward(self, *args, **kwargs)
         calls[0] += 1
         return (fault(loss) if calls[0] == 3 else loss), stats
-    monkeypatch.setattr(losses.MoCoV3, "forward", faulty_forward)
+    monkeypatch.setattr(methods.MoCoV3, "forward", faulty_forward)
     saves = []
     real_save = train.save_checkpoint
 
@@ -282,7 +282,7 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
     assert all(torch.isfinite(t).all() for t in torch.load(
         out / "last.pt", weights_only=False)["method"].values() if t.is_floating_point())
     # a restart (torchrun --max-restarts, or by hand) would replay the same steps: refused
-    monkeypatch.setattr(losses.MoCoV3, "forward", forward)
+    monkeypatch.setattr(methods.MoCoV3, "forward", forward)
     code, again, _ = run_main([*TINY, "--method", "moco", "--budget", "1k", "--out", str(out),
                                "--resume"])
     assert code != 0 and named in again and "delete" in again and "STOPPED" in again, again

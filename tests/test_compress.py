@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress
-import losses
+import methods
 import vit
 from compress import NONE, CostModel, Strategy, ViewCompression
 
@@ -203,7 +203,7 @@ def _small(method, **sizes):
     """A 2-block ViT of width 32 on 32-px images (64 tokens) and ``method`` with tiny heads."""
     torch.manual_seed(0)
     backbone = vit.ViT(img_size=32, patch_size=4, dim=32, depth=2, heads=2)
-    return backbone, losses.build_method(method, backbone, **sizes)
+    return backbone, methods.build_method(method, backbone, **sizes)
 
 
 def _f(backbone, **setting):
@@ -261,7 +261,7 @@ def test_a_dino_sample_pays_the_student_head_on_every_crop_and_the_teacher_head_
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
 def test_head_flops_equal_a_direct_count_of_the_heads_matrix_products(method):
-    _, m = _small(method, **losses.head_sizes(method, 32))
+    _, m = _small(method, **methods.head_sizes(method, 32))
     for head in m.cost_heads():
         if head is None:
             continue

@@ -23,6 +23,7 @@ import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import distributed  # noqa: E402
 import losses  # noqa: E402
+import methods  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
@@ -73,7 +74,7 @@ def _views(method, device, n=4, size=16, local=8):
 def test_every_methods_step_runs_on_the_meta_device(method):
     with torch.device("meta"):
         backbone = vit.build_vit("cpu", img_size=16)
-        model = losses.build_method(method, backbone, **losses.head_sizes(method, backbone.dim))
+        model = methods.build_method(method, backbone, **methods.head_sizes(method, backbone.dim))
     views = _views(method, "meta")
     strategy = compress.Strategy.parse(STRATEGY).resolve(len(views))
     loss, stats = model(views, strategy.q, strategy.k, 0.3)

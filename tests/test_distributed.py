@@ -84,12 +84,12 @@ def _fixed_views(method):
 
 
 def _build(method, dtype):
-    import losses
+    import methods
     import vit
     torch.manual_seed(0)                         # identical weights in every process
     backbone = vit.ViT(img_size=IMG, patch_size=4, dim=32, depth=2, heads=2)
-    return losses.build_method(method, backbone,
-                               **losses.head_sizes(method, backbone.dim)).to(dtype)
+    return methods.build_method(method, backbone,
+                               **methods.head_sizes(method, backbone.dim)).to(dtype)
 
 
 def _one_step(method, views, dtype, wrap=None):
@@ -206,7 +206,7 @@ def probe_main(out_path):
     import compress
     import data
     import embedded
-    import losses
+    import methods
     import probe
     import vit
     from schedule import parse_grid
@@ -218,8 +218,8 @@ def probe_main(out_path):
     def run(method, batch_size):
         torch.manual_seed(0)                     # identical weights in every process
         backbone = vit.ViT(img_size=IMG, patch_size=4, dim=32, depth=2, heads=2)
-        model = losses.build_method(method, backbone,
-                                    **losses.head_sizes(method, backbone.dim)).double()
+        model = methods.build_method(method, backbone,
+                                    **methods.head_sizes(method, backbone.dim)).double()
         return probe.probe(model, views, parse_grid("patch=4,8", 4), method,
                            compress.CostModel(backbone), batches=3, ref_batches=3,
                            batch_size=batch_size, seed=5)
@@ -237,11 +237,11 @@ def train_main(out_path, argv):
     """train.main(argv) on this rank; then this rank's steps and price table to out_path.RANK.
     Wrapped from outside: each cost model built is recorded, each optimiser step counted."""
     import compress
-    import losses
+    import methods
     import train
     rank = int(os.environ["RANK"])
     models, steps = [], [0]
-    build, update = compress.CostModel.__init__, losses.MoCoV3.update_target
+    build, update = compress.CostModel.__init__, methods.MoCoV3.update_target
 
     def recording_build(self, *args, **kwargs):
         build(self, *args, **kwargs)
@@ -251,7 +251,7 @@ def train_main(out_path, argv):
         steps[0] += 1
         update(self, progress)
 
-    compress.CostModel.__init__, losses.MoCoV3.update_target = recording_build, counting_update
+    compress.CostModel.__init__, methods.MoCoV3.update_target = recording_build, counting_update
     train.main(argv)
     with open(f"{out_path}.{rank}", "w") as f:
         json.dump(dict(steps=steps[0], base=models[0].base,

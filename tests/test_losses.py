@@ -12,7 +12,8 @@ from distributed import GlobalBatchNorm1d
 from heads import DINOHead, mlp
 from compress import ViewCompression as vc
 from distributed import all_reduce_mean, gather_no_grad, gather_with_grad
-from losses import DINO, MoCoV3, SimCLR, build_method, dino_loss, moco_v3_loss, nt_xent, update_center
+from losses import dino_loss, moco_v3_loss, nt_xent, update_center
+from methods import DINO, MoCoV3, SimCLR, build_method
 from schedule import momentum_schedule, teacher_temperature
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import compress
 import vit
 from compress import CostModel, Strategy
-from losses import (DINO, SimCLR, build_method, head_sizes, method_kwargs, multiview_loss,
-                    nt_xent, nt_xent_multi, standardize)
+from losses import multiview_loss, nt_xent, nt_xent_multi, standardize
+from methods import DINO, SimCLR, build_method, head_sizes, method_kwargs
 
 
 from test_losses import TinyBackbone, images, vc  # noqa: E402  (the same stand-ins as there)

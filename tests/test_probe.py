@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment  # noqa: E402
 import compress  # noqa: E402
 import data  # noqa: E402
-import losses  # noqa: E402
+import methods  # noqa: E402
 import options  # noqa: E402
 import probe as probe_module  # noqa: E402
 import vit  # noqa: E402
@@ -116,7 +116,7 @@ def test_the_probe_measures_at_the_runs_own_batch_unless_told_otherwise(tmp_path
 def test_probe_runs_on_a_real_method_restores_its_state_and_charges_its_cost():
     torch.manual_seed(0)
     backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
-    method = losses.build_method("moco", backbone, proj_dim=16, hidden_dim=32)
+    method = methods.build_method("moco", backbone, proj_dim=16, hidden_dim=32)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     rng = torch.get_rng_state()
     views = data.ViewDataset(data.build_dataset("embedded", size=64, img_size=16),
@@ -136,7 +136,7 @@ def test_probe_runs_on_a_real_method_restores_its_state_and_charges_its_cost():
 def test_probe_over_views_runs_each_strategy_on_its_views_and_charges_them():
     torch.manual_seed(0)
     backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
-    method = losses.build_method("simclr", backbone, proj_dim=16, hidden_dim=32)
+    method = methods.build_method("simclr", backbone, proj_dim=16, hidden_dim=32)
     views = data.ViewDataset(data.build_dataset("embedded", size=32, img_size=16),
                              augment.build_views("simclr", 16, views=3), seed=0)
     strategies = parse_grid("drop=0,0.5 views=2,3", 4) + [compress.NONE]       # 5 strategies

@@ -16,6 +16,7 @@ import augment  # noqa: E402
 import eval as evaluation  # noqa: E402
 import heads  # noqa: E402
 import losses  # noqa: E402
+import methods  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
@@ -68,14 +69,14 @@ def test_weight_decay_groups_follow_each_official_code():
     """DINO exempts biases and 1-D parameters only (class token and position embedding are
     decayed); MoCo-v3 gives every parameter to AdamW with its weight decay."""
     backbone = vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
-    dino = losses.build_method("dino", backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8)
+    dino = methods.build_method("dino", backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8)
     names = {id(p): n for n, p in dino.named_parameters()}
     decay, exempt = weight_decay_groups(dino, exempt_1d=True)
     assert {names[id(p)] for p in exempt} == {n for n, p in dino.named_parameters()
                                              if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)}
     assert {"backbone.cls_token", "backbone.pos_embed", "head.last_layer.parametrizations.weight.original1"} \
         <= {names[id(p)] for p in decay}
-    moco = losses.build_method("moco", vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2),
+    moco = methods.build_method("moco", vit.ViT(img_size=16, patch_size=4, dim=32, depth=1, heads=2),
                                proj_dim=8, hidden_dim=16)
     decay, exempt = weight_decay_groups(moco, exempt_1d=False)
     assert exempt == [] and len(decay) == sum(p.requires_grad for p in moco.parameters())

@@ -40,10 +40,10 @@ def units(cost, method, strategy):
 
 def run_cost(out):
     """The cost model the run in ``out`` was priced by: its backbone and its method's heads."""
-    import losses
+    import methods
     ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     backbone = vit.ViT(**ckpt["vit_config"])
-    method = losses.build_method(ckpt["args"]["method"], backbone, **ckpt["method_kwargs"])
+    method = methods.build_method(ckpt["args"]["method"], backbone, **ckpt["method_kwargs"])
     return compress.CostModel(backbone, heads=method.cost_heads())
 
 
