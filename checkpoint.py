@@ -20,11 +20,13 @@ key layout.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import os
 import pickle
 import random
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -135,6 +137,59 @@ def checksum(tree):
 def save_checkpoint(ckpt, path, keep=1):
     """A training checkpoint (a dict) with its checksum, atomically (``save_atomic``)."""
     save_atomic({**ckpt, "checksum": checksum(ckpt)}, path, keep)
+
+
+def host_copy(tree):
+    """A copy of a checkpoint's tree whose tensors are in host memory and owned by it: the
+    training loop may change its weights in place the moment this returns."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+class BackgroundWriter:
+    """Rank 0's checkpoint writes, in a thread beside the next training steps.
+
+    ``submit`` copies the checkpoint to host memory (``host_copy``: a device-to-host copy, or
+    a memcpy on CPU; all the step loop waits for) and returns; the thread then does what took
+    the time: the checksum (~1 s per GB), torch.save, fsync, the rotation and the copies to
+    the other paths. One write at a time: ``wait`` before the next ``submit``; it says how the
+    write in flight ended. Its files are never half-visible (``save_atomic``'s .tmp and
+    rename), so a kill during a background write leaves the previous ones."""
+
+    def __init__(self):
+        self._thread, self._outcome = None, None
+
+    def submit(self, ckpt, paths, keeps, tag):
+        assert self._thread is None, "wait() for the write in flight first"
+        snapshot = host_copy(ckpt)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, paths, keeps, tag),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, ckpt, paths, keeps, tag):
+        try:
+            save_checkpoint(ckpt, paths[0], keeps[0])
+            for path, keep in zip(paths[1:], keeps[1:]):
+                copy_atomic(paths[0], path, keep)
+            self._outcome = (tag, None)
+        except Exception as e:                  # SaveError; anything else is a bug, raised
+            self._outcome = (tag, e)
+
+    def wait(self):
+        """(tag, None) once the write in flight is on disk, (tag, SaveError) if it failed;
+        (None, None) with none in flight. Any other error of the write is raised here."""
+        if self._thread is None:
+            return None, None
+        self._thread.join()
+        (tag, error), self._thread, self._outcome = self._outcome, None, None
+        if error is not None and not isinstance(error, SaveError):
+            raise error
+        return tag, error
 
 
 class BadCheckpoint(ValueError):

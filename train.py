@@ -47,8 +47,8 @@ import torch.distributed as dist
 import compress
 import eval as evaluation
 from augment import normalize
-from checkpoint import (SaveError, check_out_dir, copy_atomic, read_resumable, restore, rng_state,
-                        save_checkpoint, seed_all, set_rng_state)
+from checkpoint import (BackgroundWriter, check_out_dir, read_resumable, restore, rng_state,
+                        seed_all, set_rng_state)
 from cluster import PREEMPTED, PreemptionSignals, RunLock, signal_name
 from distributed import cpu_group, gather_no_grad, is_lost_rank, setup_distributed
 from options import get_args, hms
@@ -158,7 +158,7 @@ def check_losses(run, state, last_good):
         by_rank = ", ".join(f"rank {r}: {v[3]:g}" for r, v in enumerate(everyone) if v[0] > 0)
         stop(run, f"error: non-finite loss at step {step} (progress {progress:.1%}; {by_rank}); "
                   f"nothing after step {step - 1} was saved; the last good checkpoint is "
-                  f"{last_good_text(last_good)}")
+                  f"{last_good}")
 
 
 def stop(run, message, final=True):
@@ -173,10 +173,17 @@ def stop(run, message, final=True):
     raise SystemExit(1)
 
 
-def last_good_text(last_good):
-    if last_good["path"] is None:
-        return "none has been written yet"
-    return f"{last_good['path']} (step {last_good['step']})"
+@dataclasses.dataclass
+class Saves:
+    """What a resume would find: the last ``last.pt`` known written (path, step), and rank 0's
+    write in flight (checkpoint.BackgroundWriter)."""
+    path: str | None = None
+    step: int | None = None
+    writer: BackgroundWriter = dataclasses.field(default_factory=BackgroundWriter)
+
+    def __str__(self):
+        return "none has been written yet" if self.path is None else \
+            f"{self.path} (step {self.step})"
 
 
 # ================================================== evaluation, checkpoints, the probe
@@ -196,45 +203,56 @@ def evaluate(run, state, tag):
     state.eval_wall += time.time() - t0
 
 
-def save(run, state, last_good, *paths):
+def save(run, state, last_good, *paths, wait=False):
     """Save once to paths[0], copy to the others; last.pt goes last, as the commit point.
-    Never a NaN model over a good one: a finite loss with an overflowing gradient leaves
-    non-finite weights that no loss check sees."""
+    Rank 0 writes in the background: the step loop waits for a host copy of the state, not
+    for the disk; every rank learns how a write ended at the next save (``settle``), or here
+    with ``wait`` (the final save, a preemption). Never a NaN model over a good one: a finite
+    loss with an overflowing gradient leaves non-finite weights that no loss check sees."""
     check_losses(run, state, last_good)
     bad = [n for n, t in run.method.state_dict().items()
            if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         stop(run, f"error: non-finite weights after step {state.step} ({bad[0]}"
                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saved; "
-                  f"the last good checkpoint is {last_good_text(last_good)}")
+                  f"the last good checkpoint is {last_good}")
     states = [None] * run.world                 # every rank's RNG streams, gathered to rank 0
     if run.world > 1:
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    error = [None]
+    settle(run, state, last_good)               # one write at a time
     if run.master:                              # unreadable files met so far (for the record)
         state.bad_files = sorted(set(state.bad_files) | getattr(run.train_base, "bad_files", set()))
         keep = [run.args.keep_last if os.path.basename(p) == "last.pt" else 1 for p in paths]
-        try:
-            save_checkpoint(dict(
-                args=vars(run.args), vit_config=run.backbone.config(),
-                method_kwargs=run.method_kwargs,
-                method=run.method.state_dict(),                    # the backbone is inside it
-                optimizer=run.optimizer.state_dict(),
-                state=dataclasses.asdict(state), rng=states, accel=run.accel.to_json(),
-                strategy=str(run.accel.at(state.spent / run.args.budget))), paths[0], keep[0])
-            for path, k in zip(paths[1:], keep[1:]):
-                copy_atomic(paths[0], path, k)
-        except SaveError as e:                  # disk full, I/O error: all ranks stop (below)
-            error = [e.strerror]
+        last_good.writer.submit(dict(
+            args=vars(run.args), vit_config=run.backbone.config(),
+            method_kwargs=run.method_kwargs,
+            method=run.method.state_dict(),                        # the backbone is inside it
+            optimizer=run.optimizer.state_dict(),
+            state=dataclasses.asdict(state), rng=states, accel=run.accel.to_json(),
+            strategy=str(run.accel.at(state.spent / run.args.budget))),
+            paths, keep, tag=(paths[-1], state.step))
+    if wait:
+        settle(run, state, last_good)
+
+
+def settle(run, state, last_good):
+    """Wait for rank 0's write in flight; every rank learns how it ended. A failed write
+    (disk full, I/O error) stops them all, the previous files intact; a written last.pt
+    becomes the last good checkpoint."""
+    outcome = [None, None]                      # (the write's tag: path, step; its error)
+    if run.master:
+        tag, error = last_good.writer.wait()
+        outcome = [tag, error and error.strerror]
     if run.world > 1:
-        dist.broadcast_object_list(error, src=0, group=cpu_group())
-    if error[0]:
-        stop(run, f"error: {error[0]}; the run stopped after step {state.step}: make room, then "
-                  f"--resume (from {last_good_text(last_good)})", final=False)
-    if os.path.basename(paths[-1]) == "last.pt":
-        last_good.update(path=paths[-1], step=state.step)
+        dist.broadcast_object_list(outcome, src=0, group=cpu_group())
+    (path, step), error = outcome[0] or (None, None), outcome[1]
+    if error:
+        stop(run, f"error: {error} (the save after step {step}); the run stopped after step "
+                  f"{state.step}: make room, then --resume (from {last_good})", final=False)
+    if path and os.path.basename(path) == "last.pt":
+        last_good.path, last_good.step = path, step
 
 
 def at_fractions(run, state, last_good):
@@ -251,7 +269,8 @@ def at_fractions(run, state, last_good):
         # Stage checkpoints first, last.pt last: a kill in between resumes from the
         # previous last.pt and writes the stage checkpoints again.
         save(run, state, last_good, *[os.path.join(args.out, f"ckpt_{round(f * 100)}.pt")
-                                      for f in due], os.path.join(args.out, "last.pt"))
+                                      for f in due], os.path.join(args.out, "last.pt"),
+             wait=progress >= 1.0)
 
 
 def auto_schedule(chosen):
@@ -519,8 +538,9 @@ def preempt(run, state, last_good, signum):
     status PREEMPTED (75); OUT/PREEMPTED says so to a requeue script that sees only torchrun's
     status. --resume continues as from any other save."""
     last = os.path.join(run.args.out, "last.pt")
-    if (last_good["path"], last_good["step"]) != (last, state.step):
-        save(run, state, last_good, last)
+    settle(run, state, last_good)                   # the write in flight, if any
+    if (last_good.path, last_good.step) != (last, state.step):
+        save(run, state, last_good, last, wait=True)
     message = (f"preempted by {signal_name(signum)} after step {state.step} "
                f"({state.spent / run.args.budget:.1%} of the budget): saved {last}; exit status "
                f"{PREEMPTED}; --resume continues from there")
@@ -540,7 +560,7 @@ def lost_rank(run, state, last_good, error):
     first = str(error).strip().splitlines()[0][:240]
     print(f"error: rank {run.rank} lost the other ranks after step {state.step} (waited up to "
           f"--dist-timeout {run.args.dist_timeout:g} min in a collective; a rank died or "
-          f"hangs): {first}; the last good checkpoint is {last_good_text(last_good)}",
+          f"hangs): {first}; the last good checkpoint is {last_good}",
           file=sys.stderr, flush=True)
     dist.destroy_process_group()            # else the pending collective aborts the process
     raise SystemExit(1)
@@ -551,7 +571,7 @@ def main(argv=None):
     with RunLock(args.out, holder=int(os.environ.get("RANK", 0)) == 0), \
             PreemptionSignals() as signals:
         run, state, resume_path = start(args, parser)
-        last_good = dict(path=resume_path, step=state.step if resume_path else None)
+        last_good = Saves(resume_path, state.step if resume_path else None)
         if not resume_path:
             evaluate(run, state, "start")
             if 0.0 in args.ckpt_at:

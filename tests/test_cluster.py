@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -54,11 +55,69 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_and_says_why(tmp_path, 
     assert os.listdir(tmp_path) == ["last.pt"]            # no partial file, nothing rotated
 
 
+# ============================================================= rank 0's background writer
+def test_the_background_writer_saves_the_state_at_submit_while_the_caller_goes_on(tmp_path,
+                                                                                  monkeypatch):
+    """submit returns while torch.save is still blocked (the write is in the thread); the
+    caller changes the weights in place meanwhile; the file holds the weights as submitted,
+    with a valid checksum, and wait() names what was written. A failed write comes back from
+    wait() with its tag, the previous file intact."""
+    real_save, release = torch.save, threading.Event()
+
+    def slow_disk(obj, f):
+        assert release.wait(timeout=30), "the write never went on"
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", slow_disk)
+    path, w = str(tmp_path / "last.pt"), torch.zeros(3)
+    writer = checkpoint.BackgroundWriter()
+    writer.submit({"w": w, "step": 7}, [path], [2], tag=(path, 7))
+    w.add_(1.0)                                  # the next step, while the disk is busy
+    assert not os.path.exists(path)              # submit did not wait for the disk
+    release.set()
+    assert writer.wait() == ((path, 7), None)
+    assert torch.equal(checkpoint.load_checked(path)["w"], torch.zeros(3))
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    writer.submit({"w": w, "step": 8}, [path], [2], tag=(path, 8))
+    tag, error = writer.wait()
+    assert tag == (path, 8) and isinstance(error, checkpoint.SaveError), error
+    assert checkpoint.load_checked(path)["step"] == 7
+    assert writer.wait() == (None, None)         # nothing in flight
+
+
+def test_training_goes_on_while_rank_0_writes_a_checkpoint(tmp_path, monkeypatch, run_main):
+    """Each write (but the final one, which the run waits for) blocks until the training
+    has taken its next step: a save that held up the step loop would never see that step
+    (a 30-s timeout says so). The run still ends bitwise equal to one with no waiting."""
+    real_save, real_step, stepped, waited = torch.save, train.train_step, threading.Event(), []
+
+    def step(*a, **k):
+        stepped.set()
+        return real_step(*a, **k)
+
+    def write_after_the_next_step(obj, f):
+        if obj["state"]["spent"] < obj["args"]["budget"]:
+            waited.append(stepped.wait(timeout=30))
+            stepped.clear()
+        real_save(obj, f)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(torch, "save", write_after_the_next_step)
+    code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "a")])
+    monkeypatch.undo()
+    assert code == 0 and len(waited) >= 3 and all(waited), (waited, text)
+    code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "b")])
+    assert code == 0, text
+    assert_bitwise_equal(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
 def test_a_run_whose_disk_fills_up_stops_with_the_last_good_checkpoint_and_resumes(
         tmp_path, monkeypatch, run_main):
-    """The save after step 3 hits ENOSPC: the run stops (exit 1) naming the path, the error
-    and the space left; last.pt is step 2's; no STOPPED (a full disk is not a diverged run),
-    so --resume, once there is room, continues."""
+    """The save after step 3 hits ENOSPC (in the background writer): the run stops (exit 1)
+    at the next save, naming the path, the error, the space left and the step whose save
+    failed; last.pt is step 2's; no STOPPED (a full disk is not a diverged run), so --resume,
+    once there is room, continues."""
     real_save, calls = torch.save, [0]
 
     def full_at_the_fourth_save(obj, f):       # ckpt_0.pt, then last.pt after steps 1, 2, 3
@@ -72,8 +131,8 @@ def test_a_run_whose_disk_fills_up_stops_with_the_last_good_checkpoint_and_resum
     monkeypatch.undo()
     assert code == 1, text
     assert f"error: cannot write {out / 'last.pt'}: No space left on device (" in text, text
-    assert f"the run stopped after step 3: make room, then --resume (from {out / 'last.pt'} " \
-           "(step 2))" in text, text
+    assert "(the save after step 3); the run stopped after step 4: make room, then --resume " \
+           f"(from {out / 'last.pt'} (step 2))" in text, text
     assert load(out / "last.pt")["state"]["step"] == 2
     assert sorted(os.listdir(out)) == ["args.json", "ckpt_0.pt", "last-1.pt", "last.pt",
                                        "log.jsonl"]

@@ -398,7 +398,8 @@ def test_under_measured_costs_every_rank_charges_rank_0s_prices_and_stops_at_the
     assert a["prices"] == b["prices"] and a["base"] == b["base"]
     assert len(a["prices"]) >= 4                    # backbone; online and target head; dropout
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert a["steps"] == b["steps"] == ckpt["state"]["step"] > 10
+    assert a["steps"] == b["steps"] == ckpt["state"]["step"] >= 5   # (timed prices: fewer
+    #                                                    steps when the machine is busy)
 
 
 def _knn_model_and_sets():
