@@ -219,7 +219,7 @@ def _hue(x, f):
     h6 = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * delta, r - g + 4 * delta))
     h6 = h6 / delta.clamp(min=1e-12) + 6 * f[:, None, None]   # grey (Δ = 0): any hue will do
     h6 = h6 - 6 * torch.floor(h6 / 6)                                         # mod 6: [0, 6)
-    k = h6[:, None] + torch.tensor([5.0, 3.0, 1.0])[:, None, None]             # (n, 3, H, W)
+    k = h6[:, None] + torch.arange(5.0, 0.0, -2.0, device=x.device)[:, None, None]  # + (5, 3, 1)
     k = torch.where(k >= 6, k - 6, k)                                          # mod 6 again
     return (v[:, None] - delta[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)).clamp(0, 1)
 
@@ -230,7 +230,7 @@ def _gaussian_blur(x, sigma, k):
     (the 2-D kernel is their outer product). All n·3 channels go through one depthwise
     convolution, each channel with its own image's kernel."""
     n, C, H, W = x.shape
-    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=x.device)
     kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)  # (3n, k)
     y = torch.nn.functional.pad(x, [k // 2] * 4, mode="reflect").reshape(1, n * C, H + k - 1, -1)
     y = torch.nn.functional.conv2d(y, kernel[:, None, None, :], groups=n * C)   # (1, 3n, H+k-1, W)
@@ -251,6 +251,12 @@ def _on(x, sel, op, *args):
     return x
 
 
+def crop_flip(images, recipe, params):
+    """The geometric ops of a batch, done where the images are decoded: → float (B, 3, s, s)."""
+    x = resized_crops(images, [p.box for p in params], recipe.size)
+    return _on(x, [b for b, p in enumerate(params) if p.flip], lambda y: y.flip(-1))
+
+
 def augment_batch(images, recipe, params):
     """augment for a batch, each op run once with a parameter per image: B uint8 images (3, H_b,
     W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → uint8 (B, 3, size,
@@ -259,10 +265,9 @@ def augment_batch(images, recipe, params):
     order. Matches augment to float rounding (≲ 1e-5 before ``to_uint8``, so at most one level
     apart after), and each image's result is the same in any batch."""
     which = lambda taken: [b for b, p in enumerate(params) if taken(p)]
-    x = resized_crops(images, [p.box for p in params], recipe.size)           # (B, 3, s, s)
-    x = _on(x, which(lambda p: p.flip), lambda y: y.flip(-1))
+    x = crop_flip(images, recipe, params)                                     # (B, 3, s, s)
     for j in range(4):
-        for k, op in enumerate((_brightness, _contrast, _saturation, _hue)):
+        for k, op in enumerate(_JITTER):
             sel = which(lambda p: p.jitter and p.order[j] == k)
             x = _on(x, sel, op, [params[b].factors[k] for b in sel])
     x = _on(x, which(lambda p: p.gray), lambda y: _gray(y).expand(-1, 3, -1, -1).contiguous())
@@ -271,6 +276,50 @@ def augment_batch(images, recipe, params):
             [params[b].sigma for b in sel])
     x = _on(x, which(lambda p: p.solarize), lambda y: torch.where(y >= 0.5, 1 - y, y))
     return to_uint8(x)
+
+
+_JITTER = (_brightness, _contrast, _saturation, _hue)      # ColorJitter's ops, by index
+
+
+# ----- the colour ops on the training device (--augment-on device) -----
+#
+# A loader process spends ~5/6 of a 224-px view on the colour ops (jitter, grayscale, blur,
+# solarize) and ~1/6 on the crop and flip (bench.py --section loader). With --augment-on device
+# the loader ships each view after its crop and flip, as uint8, with its colour draws packed in
+# 13 floats, and the step applies the colour ops on the GPU: the same functions as
+# augment_batch, each run on the whole batch and kept where the image's coin came up
+# (torch.where), so no op needs an image count or index from the host.
+
+def pack_colour(params):
+    """The colour draws of B ViewParams → float (B, 13): jitter, its 4 factors, its order (4),
+    grayscale, blur, sigma, solarize."""
+    return torch.tensor([[p.jitter, *p.factors, *p.order, p.gray, p.blur, p.sigma, p.solarize]
+                         for p in params], dtype=torch.float32)
+
+
+def colour_on_device(crops, packed):
+    """uint8 crops (B, 3, s, s) and ``pack_colour``'s (B, 13), on one device → uint8 views:
+    augment_batch's colour ops, with the same maths per image (it equals augment_batch of the
+    same draws to one level of 255, the rounding of the shipped crop)."""
+    x, p = crops.float() / 255, packed
+    on = lambda taken, y, op_y: torch.where(taken[:, None, None, None] > 0, op_y, y)  # noqa: E731
+    for j in range(4):
+        for k, op in enumerate(_JITTER):
+            x = on(p[:, 0] * (p[:, 5 + j] == k), x, op(x, p[:, 1 + k]))
+    x = on(p[:, 9], x, _gray(x).expand(-1, 3, -1, -1))
+    x = on(p[:, 10], x, _gaussian_blur(x, p[:, 11], blur_size(x.shape[-1])))
+    x = on(p[:, 12], x, torch.where(x >= 0.5, 1 - x, x))
+    return to_uint8(x)
+
+
+def to_model(views, device):
+    """One view of a batch as the model takes it, normalised on ``device``: uint8 views
+    (B, 3, s, s) as they are, or (crops, packed colour draws) from a loader that left the
+    colour ops to the device (data.ViewDataset(colour_on="device"))."""
+    if isinstance(views, (list, tuple)):
+        crops, packed = (t.to(device, non_blocking=True) for t in views)
+        return normalize(colour_on_device(crops, packed))
+    return normalize(views.to(device, non_blocking=True))
 
 
 # ===== the methods' recipes =====

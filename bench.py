@@ -11,8 +11,9 @@ for and what can stand in its way. One function per section (``--section``):
   of steps predicted by the model is the ratio of forwards.)
 * ``loader`` (in bench_loader.py): images/s of each method's augmentation pipeline through
   data.build_loader, the per-image reference (``augment.augment``) against the batched one
-  (``augment_batch``), at the CPU preset (32 px, the embedded dataset) and at 224 px (random
-  256² images in memory, so that no decoding is timed), with 0 and 2 loader workers.
+  (``augment_batch``), and the batched one with its colour ops left to the training device
+  (``--augment-on device``), at the CPU preset (32 px, the embedded dataset) and at 224 px
+  (random 256² images in memory, so that no decoding is timed), with 0 and 2 loader workers.
   ``--loader-decode`` adds what decoding costs: the SimCLR loader over generated 375×500
   JPEG files (decoded every time) against the same images read from their decode-once cache
   (imagecache.build_cache).

@@ -2,8 +2,9 @@
 
 Concern: images/s of each method's augmentation pipeline through data.build_loader — the
 per-image reference (``augment.augment``) against the batched one (``augment.augment_batch``),
-with N loader workers — and what JPEG decoding costs against a decode-once cache
-(imagecache.py). A compressed training step makes images/s several times the uncompressed
+and the batched one with its colour ops left to the training device (``--augment-on device``:
+the loader crops and flips), with N loader workers — and what JPEG decoding costs against a
+decode-once cache (imagecache.py). A compressed training step makes images/s several times the uncompressed
 one; if the loader cannot match it, the cost model's speed-up never reaches the clock.
 ``python bench.py --section loader`` runs it; ``bench.py --section methods`` sets these rates
 beside each method's step rate.
@@ -71,13 +72,15 @@ def loader_rate(view_set, batch_size, workers, batches):
 
 
 def bench_loader(args, device):
-    """Augmentation throughput: per-image reference vs batched, per method, size and workers."""
+    """Augmentation throughput: per-image reference vs batched vs batched with the colour ops
+    left to the device, per method, size and workers."""
     rows = []
     print(f"# loader: images/s of data.build_loader, {args.steps} timed batches after "
-          f"1 + 4·workers skipped; per-image augment.augment vs augment.augment_batch; "
-          f"one thread per loader process")
+          f"1 + 4·workers skipped; per-image augment.augment vs augment.augment_batch, and "
+          f"augment_batch's crop and flip alone (--augment-on device: the colour ops run on "
+          f"the training device); one thread per loader process")
     print(f"{'size':>5} {'method':<8}{'batch':>6}{'workers':>8}{'per-image':>11}{'batched':>9}"
-          f"{'speed-up':>10}")
+          f"{'speed-up':>10}{'crop+flip':>11}{'gain':>7}")
     for size in args.loader_sizes:
         batch = args.batch_size or (64 if size <= 64 else 16)
         n = (1 + 4 * max(args.workers) + args.steps) * batch
@@ -88,14 +91,17 @@ def bench_loader(args, device):
             recipes = augment.build_views(method, size, local_crops=local,
                                        colour="strong" if size <= 64 else "official")
             for workers in args.workers:
-                rate = {kind: loader_rate(data.ViewDataset(base, recipes, seed=0, batched=b),
+                rate = {kind: loader_rate(data.ViewDataset(base, recipes, seed=0, **kw),
                                           batch, workers, args.steps)
-                        for kind, b in (("per_image", False), ("batched", True))}
+                        for kind, kw in (("per_image", dict(batched=False)), ("batched", {}),
+                                         ("crop_flip", dict(colour_on="device")))}
                 rows.append(dict(size=size, method=name, batch=batch, workers=workers, **rate,
-                                 speedup=rate["batched"] / rate["per_image"]))
+                                 speedup=rate["batched"] / rate["per_image"],
+                                 colour_on_device_gain=rate["crop_flip"] / rate["batched"]))
                 r = rows[-1]
                 print(f"{size:>5} {name:<8}{batch:>6}{workers:>8}{r['per_image']:>11.0f}"
-                      f"{r['batched']:>9.0f}{r['speedup']:>9.1f}×", flush=True)
+                      f"{r['batched']:>9.0f}{r['speedup']:>9.1f}×{r['crop_flip']:>11.0f}"
+                      f"{r['colour_on_device_gain']:>6.1f}×", flush=True)
     if not args.loader_decode:
         return dict(rows=rows)
     print("# decode: the batched simclr loader over 375×500 JPEG files (generated: smooth "

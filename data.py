@@ -27,7 +27,7 @@ import torchvision
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from augment import MEAN, STD, augment, augment_batch, draw_params
+from augment import MEAN, STD, augment, augment_batch, crop_flip, draw_params, pack_colour, to_uint8
 from cluster import ignore_preemption_signals
 from embedded import EmbeddedShapes, TensorImages, mix_seed
 from imagecache import open_cache
@@ -114,10 +114,17 @@ class ViewDataset(Dataset):
     views are made together by augment_batch, in the worker, and default_collate stacks them
     (into shared memory, which a worker's batch is copied to anyway). ``dataset[i]`` is the
     same code on a batch of one, with the same result. ``batched=False`` makes every view with
-    the per-image reference ``augment`` instead (for comparisons: tests, bench.py loader)."""
+    the per-image reference ``augment`` instead (for comparisons: tests, bench.py loader).
 
-    def __init__(self, base, recipes, seed=0, batched=True):
+    ``colour_on="device"`` leaves the colour ops to the training device: each view is then a
+    pair (uint8 crop after crop and flip, its packed colour draws), which
+    ``augment.to_model`` finishes where the model runs (train.py --augment-on device)."""
+
+    def __init__(self, base, recipes, seed=0, batched=True, colour_on="loader"):
+        if colour_on not in ("loader", "device"):
+            raise ValueError(f"colour_on must be 'loader' or 'device', got {colour_on!r}")
         self.base, self.recipes, self.seed, self.batched = base, list(recipes), seed, batched
+        self.colour_on = colour_on
         self.classes = getattr(base, "classes", None)
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
@@ -143,6 +150,10 @@ class ViewDataset(Dataset):
         params = [[draw_params(img.shape[-2], img.shape[-1], r, g) for r in self.recipes]
                   for (img, _), g in zip(items, map(self._generator, indices))]
         images = [img for img, _ in items]                  # any sizes: crops are made one by one
+        if self.colour_on == "device":          # V × ((B, 3, s, s) uint8, (B, 13) float)
+            views = [(to_uint8(crop_flip(images, r, ps)), pack_colour(ps))
+                     for r, ps in zip(self.recipes, zip(*params))]
+            return [([(x[b], c[b]) for x, c in views], label) for b, (_, label) in enumerate(items)]
         views = [augment_batch(images, r, [p[v] for p in params])               # V × (B, 3, s, s)
                  for v, r in enumerate(self.recipes)]
         return [([x[b] for x in views], label) for b, (_, label) in enumerate(items)]

@@ -241,6 +241,11 @@ def _add_output_flags(ap):
     ap.add_argument("--workers", type=int, default=0,
                     help="data-loader processes per GPU/process (0: load in the main process, "
                          "best for the embedded set on a 2-core CPU)")
+    ap.add_argument("--augment-on", choices=("auto", "loader", "device"), default="auto",
+                    help="where augmentation's colour ops (jitter, grayscale, blur, solarize) "
+                         "run: in the loader processes, or on the training device after a uint8 "
+                         "transfer of the crops (at 224 px ~5/6 of a loader's work per view "
+                         "moves to the GPU). auto: device on CUDA, loader on CPU")
     ap.add_argument("--eval-every", type=float, default=0.25,
                     help="k-NN accuracy every this fraction of the budget (0: only at the start and end)")
     ap.add_argument("--knn-bank", type=int, default=None, metavar="N",

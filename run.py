@@ -84,9 +84,17 @@ class Run:
                                           local_size=self.local_size,
                                           symmetric=self.args.symmetric)
 
-    def view_set(self):
-        """The training images seen through the run's view recipes (probe draws)."""
-        return data.ViewDataset(self.train_base, self.recipes, seed=self.args.seed)
+    def view_set(self, colour_on="loader"):
+        """The training images seen through the run's view recipes (the loader's; probe draws)."""
+        return data.ViewDataset(self.train_base, self.recipes, seed=self.args.seed,
+                                colour_on=colour_on)
+
+    @property
+    def colour_on(self):
+        """Where the training loader leaves augmentation's colour ops (--augment-on)."""
+        if self.args.augment_on == "auto":
+            return "device" if self.device.type == "cuda" else "loader"
+        return self.args.augment_on
 
 
 # ======================================================================== the parts
@@ -215,8 +223,8 @@ def build_training(run):
                                             rank=run.rank, world_size=run.world)
     except ValueError as e:
         raise BadRun(str(e)) from None
-    run.loader = data.build_loader(run.view_set(), per_rank, run.sampler, num_workers=args.workers,
-                                   pin_memory=run.device.type == "cuda")
+    run.loader = data.build_loader(run.view_set(run.colour_on), per_rank, run.sampler,
+                                   num_workers=args.workers, pin_memory=run.device.type == "cuda")
     val = build_dataset(args, "val", run.backbone.img_size,       # every rank: eval.knn_accuracy
                         args.data_size and max(args.data_size // 4, 20))     # shares the work
     run.knn_sets = (data.EvalDataset(run.train_base, run.backbone.img_size, subset=args.knn_bank),

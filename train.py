@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 import compress
 import eval as evaluation
-from augment import normalize
+from augment import to_model
 from checkpoint import (BackgroundWriter, check_out_dir, read_resumable, restore, rng_state,
                         seed_all, set_rng_state)
 from cluster import PREEMPTED, PreemptionSignals, RunLock, signal_name
@@ -112,7 +112,7 @@ def train_step(run, state, batch):
     state.stage = run.accel.index(progress)                      # the strategy at progress
     strategy = run.resolve(run.accel.stages[state.stage][1])     # q, k and M views
     lr, wd = set_rates(run, progress)                            # lr, weight decay
-    views = [normalize(v.to(run.device, non_blocking=True)) for v in batch[:strategy.views]]
+    views = [to_model(v, run.device) for v in batch[:strategy.views]]     # normalised there
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         loss, stats = run.model(views, strategy.q, strategy.k, progress)    # forward
     watch_loss(run, state, loss, progress)          # a non-finite loss stops the run (below)

@@ -33,7 +33,8 @@ def test_loader_section_compares_per_image_and_batched_for_each_method_and_worke
     assert [(r[1], r[3]) for r in rows] == [("simclr", "0"), ("simclr", "1"), ("dino+2", "0"),
                                            ("dino+2", "1"), ("dino+6", "0"), ("dino+6", "1")]
     assert all(r[-1].endswith("×") for r in rows)                   # the speed-up column
-    assert all(r["per_image"] > 0 and r["batched"] > 0 for r in results["loader"]["rows"])
+    assert all(r["per_image"] > 0 and r["batched"] > 0 and r["crop_flip"] > 0
+               for r in results["loader"]["rows"])
     assert list(results) == ["torch", "device", "threads", "cpu", "gpu", "loader", "wall_s"]
 
 

@@ -172,6 +172,46 @@ def test_views_leave_the_loader_as_bytes_and_are_normalised_where_the_model_runs
             assert (v[b].float() / 255 - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
+def test_the_colour_ops_on_the_device_are_the_loaders_ops(method):
+    """--augment-on device: colour_on_device of the crops and packed draws equals
+    augment_batch's colour ops to one level of 255 (float rounding). Checked where the crop
+    is exact (full-image boxes of images already at the view's size), so that the shipped
+    crop's own rounding does not hide an error in the ops."""
+    g = torch.Generator().manual_seed(1)
+    for recipe in _every_op(build_views(method, 32, local_crops=2)):
+        s = recipe.size
+        images = torch.randint(0, 256, (24, 3, s, s), dtype=torch.uint8, generator=g)
+        params = [augment_module.draw_params(s, s, recipe, g) for _ in images]
+        for p in params:
+            p.box = (0, 0, s, s)
+        crops = augment_module.to_uint8(augment_module.crop_flip(images, recipe, params))
+        on_device = augment_module.colour_on_device(crops, augment_module.pack_colour(params))
+        in_loader = augment_module.augment_batch(images, recipe, params)
+        assert (on_device.int() - in_loader.int()).abs().max() <= 1
+
+
+def test_a_loader_that_leaves_the_colour_to_the_device_ships_crops_and_draws():
+    """Through a real loader (2 workers): each view is (uint8 crops, float (B, 13) draws);
+    to_model makes of them views within 3 levels of the loader path's (the crop is rounded
+    to bytes before the colour ops, as PIL pipelines do; contrast and brightness ≤ 1.4
+    amplify that) and within half a level on average."""
+    recipes = _every_op(build_views("dino", 32, local_crops=1))
+    base = EmbeddedShapes("train", size=16)
+    batches = {}
+    for colour_on in ("loader", "device"):
+        ds = ViewDataset(base, recipes, seed=2, colour_on=colour_on)
+        batches[colour_on] = next(iter(build_loader(ds, 8, ResumableSampler(16, 8),
+                                                    num_workers=2)))[0]
+    for view, (crops, packed) in zip(batches["loader"], batches["device"]):
+        assert crops.dtype == torch.uint8 and packed.shape == (8, 13)
+        step = (augment_module.to_model((crops, packed), "cpu") - normalize(view)) * \
+            torch.tensor(STD)[:, None, None] * 255                   # in levels of 255
+        assert step.abs().max() <= 3 + 1e-3 and step.abs().mean() <= 0.5
+    with pytest.raises(ValueError, match="colour_on must be 'loader' or 'device', got 'gpu'"):
+        ViewDataset(base, recipes, colour_on="gpu")
+
+
 def test_a_view_is_the_same_in_any_batch_with_any_workers_or_threads():
     # images of two sizes, so that a batch may mix them (as an image folder's do)
     images = EmbeddedShapes("train", size=12, img_size=40).images

@@ -89,11 +89,12 @@ def test_every_methods_step_runs_on_the_meta_device(method):
 @pytest.fixture(scope="module", params=METHODS)
 def recorded(request):
     """The ops of three train.train_step calls of ``method`` (embedded data, batch 8, the
-    strategy above; DINO with its local crops and gradient clipping)."""
+    strategy above, augmentation's colour ops on the device; DINO with its local crops and
+    gradient clipping)."""
     method = request.param
     args, _ = get_args(["--method", method, "--model", "cpu", "--img-size", "16", "--data-size",
                         "64", "--batch-size", "8", "--eval-every", "0", "--accel", STRATEGY,
-                        "--out", "unused"])
+                        "--augment-on", "device", "--out", "unused"])     # colour ops too
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                    # (a module fixture: before ``one_thread``)
     with torch.random.fork_rng(devices=[]):
@@ -121,6 +122,7 @@ def test_no_op_of_a_step_raises_on_cuda_under_deterministic_algorithms(recorded)
     method, ops = recorded
     assert not sorted(set(ops) & NONDETERMINISTIC_ON_CUDA), method
     assert "mm" in ops or "addmm" in ops                       # the position-embedding map, etc.
+    assert "round" in ops and "reflection_pad2d" in ops        # the colour ops ran (blur too)
 
 
 def test_the_position_embedding_resize_has_no_interpolation_backward():
