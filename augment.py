@@ -7,8 +7,10 @@ size. A view is made in two steps: ``draw_params`` takes every random number it 
 explicit ``torch.Generator`` (data.ViewDataset seeds it by (seed, epoch, index), so a view is
 pure in those three and a resumed run is bit-identical), then the ops apply them: image by
 image with torchvision (``augment``, the reference) or a whole batch at once (``augment_batch``:
-each op once, a parameter per image, several times faster; what the loader runs). Datasets,
-the loader and sampling are in data.py, which imports this file (and re-exports its names).
+each op once, a parameter per image, several times faster; what the loader runs). With
+``--augment-on device`` the loader stops after the crop and flip (``crop_flip``) and the
+colour ops run where the model does (``colour_on_device``: the same ops on packed draws).
+Datasets, the loader and sampling are in data.py, which imports this file.
 
     import torch; from augment import augment, augment_batch, build_views, draw_params
     img, recipe = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8), build_views("moco", 32)[0]

@@ -27,7 +27,8 @@ import torchvision
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from augment import MEAN, STD, augment, augment_batch, crop_flip, draw_params, pack_colour, to_uint8
+from augment import (MEAN, STD, augment, augment_batch, crop_flip, draw_params, pack_colour,
+                     to_uint8)
 from cluster import ignore_preemption_signals
 from embedded import EmbeddedShapes, TensorImages, mix_seed
 from imagecache import open_cache
