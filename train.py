@@ -154,6 +154,7 @@ def check_losses(run, state, last_good):
     everyone = gather_no_grad(run.watch[None]).cpu()        # (world, 4): one sync, all ranks
     bad = everyone[everyone[:, 0] > 0]
     if len(bad):
+        settle(run, state, last_good)               # the write in flight: is it good?
         step, progress = int(bad[:, 1].min()), float(bad[bad[:, 1].argmin(), 2])
         by_rank = ", ".join(f"rank {r}: {v[3]:g}" for r, v in enumerate(everyone) if v[0] > 0)
         stop(run, f"error: non-finite loss at step {step} (progress {progress:.1%}; {by_rank}); "
@@ -209,6 +210,7 @@ def save(run, state, last_good, *paths, wait=False):
     for the disk; every rank learns how a write ended at the next save (``settle``), or here
     with ``wait`` (the final save, a preemption). Never a NaN model over a good one: a finite
     loss with an overflowing gradient leaves non-finite weights that no loss check sees."""
+    settle(run, state, last_good)               # one write at a time
     check_losses(run, state, last_good)
     bad = [n for n, t in run.method.state_dict().items()
            if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -221,7 +223,6 @@ def save(run, state, last_good, *paths, wait=False):
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    settle(run, state, last_good)               # one write at a time
     if run.master:                              # unreadable files met so far (for the record)
         state.bad_files = sorted(set(state.bad_files) | getattr(run.train_base, "bad_files", set()))
         keep = [run.args.keep_last if os.path.basename(p) == "last.pt" else 1 for p in paths]
@@ -237,15 +238,15 @@ def save(run, state, last_good, *paths, wait=False):
         settle(run, state, last_good)
 
 
-def settle(run, state, last_good):
-    """Wait for rank 0's write in flight; every rank learns how it ended. A failed write
-    (disk full, I/O error) stops them all, the previous files intact; a written last.pt
-    becomes the last good checkpoint."""
+def settle(run, state, last_good, collective=True):
+    """Wait for rank 0's write in flight; every rank learns how it ended (``collective``;
+    else rank 0 alone, when the others are lost). A failed write (disk full, I/O error) stops
+    them all, the previous files intact; a written last.pt becomes the last good one."""
     outcome = [None, None]                      # (the write's tag: path, step; its error)
     if run.master:
         tag, error = last_good.writer.wait()
         outcome = [tag, error and error.strerror]
-    if run.world > 1:
+    if collective and run.world > 1:
         dist.broadcast_object_list(outcome, src=0, group=cpu_group())
     (path, step), error = outcome[0] or (None, None), outcome[1]
     if error:
@@ -558,6 +559,7 @@ def lost_rank(run, state, last_good, error):
     rank that sees it says so and exits 1, so torchrun ends (or, with --max-restarts and
     --resume, restarts) the group instead of leaving it waiting."""
     first = str(error).strip().splitlines()[0][:240]
+    settle(run, state, last_good, collective=False)
     print(f"error: rank {run.rank} lost the other ranks after step {state.step} (waited up to "
           f"--dist-timeout {run.args.dist_timeout:g} min in a collective; a rank died or "
           f"hangs): {first}; the last good checkpoint is {last_good}",
@@ -572,17 +574,20 @@ def main(argv=None):
             PreemptionSignals() as signals:
         run, state, resume_path = start(args, parser)
         last_good = Saves(resume_path, state.step if resume_path else None)
-        if not resume_path:
-            evaluate(run, state, "start")
-            if 0.0 in args.ckpt_at:
-                save(run, state, last_good, os.path.join(args.out, "ckpt_0.pt"))   # stage 0
         try:
-            train(run, state, last_good, signals)
-        except RuntimeError as e:
-            if run.world == 1 or not is_lost_rank(e):
-                raise
-            lost_rank(run, state, last_good, e)
-        finish(run, state)
+            if not resume_path:
+                evaluate(run, state, "start")
+                if 0.0 in args.ckpt_at:
+                    save(run, state, last_good, os.path.join(args.out, "ckpt_0.pt"))  # stage 0
+            try:
+                train(run, state, last_good, signals)
+            except RuntimeError as e:
+                if run.world == 1 or not is_lost_rank(e):
+                    raise
+                lost_rank(run, state, last_good, e)
+            finish(run, state)
+        finally:                        # however the run ends (an error, a stop), no write
+            last_good.writer.wait()     # outlives the lock on its folder
 
 
 if __name__ == "__main__":

@@ -265,12 +265,12 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
         return (fault(loss) if calls[0] == 3 else loss), stats
     monkeypatch.setattr(methods.MoCoV3, "forward", faulty_forward)
     saves = []
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def recording_save(obj, path, keep=1):          # what last.pt held after each save
         real_save(obj, path, keep)
         saves.append((os.path.basename(path), obj["state"]["step"], digest(path)))
-    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", recording_save)   # (the writer's)
     out = tmp_path / "run"
     code, text, _ = run_main([*TINY, "--method", "moco", "--budget", "1k", "--save-every-steps",
                               "1", "--ckpt-at", "0", "--out", str(out)])

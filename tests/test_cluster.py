@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -110,6 +111,32 @@ def test_training_goes_on_while_rank_0_writes_a_checkpoint(tmp_path, monkeypatch
     code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "b")])
     assert code == 0, text
     assert_bitwise_equal(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
+def test_a_run_that_crashes_during_a_write_finishes_it_before_releasing_its_folder(
+        tmp_path, monkeypatch, run_main):
+    """A step raises (a bug, an out-of-memory) while the previous save is still being
+    written: the write completes before main returns, and so before the lock on --out is
+    released that a restarted run would take; last.pt is then whole."""
+    real_save, real_step, steps = torch.save, train.train_step, [0]
+
+    def slow_save(obj, f):
+        time.sleep(0.5)
+        real_save(obj, f)
+
+    def crash_at_step_3(*a, **k):
+        steps[0] += 1
+        if steps[0] == 3:
+            raise RuntimeError("boom")
+        return real_step(*a, **k)
+    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(train, "train_step", crash_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_main([*TINY, "--budget", "1k", "--out", str(out)])
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    assert not list(out.glob("*.tmp")) and not (out / "LOCK").exists()
+    assert load(out / "last.pt")["state"]["step"] == 2
 
 
 def test_a_run_whose_disk_fills_up_stops_with_the_last_good_checkpoint_and_resumes(
