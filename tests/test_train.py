@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,13 +20,22 @@ TINY = ["--data-size", "128", "--batch-size", "16", "--log-every", "0", "--eval-
         "--model", "cpu"]
 
 
-def run(args, cwd=ROOT, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                       capture_output=True, text=True, env=env, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
-    return p
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
+
+@pytest.fixture
+def run(run_main):
+    """train.py with these arguments, in this process (no interpreter and torch import per
+    run): → (returncode, stdout, stderr) as a subprocess would give them. ``check`` raises on
+    a non-zero status."""
+    def call(args, check=True):
+        code, text, _ = run_main(args)
+        code = 0 if code is None else (1 if isinstance(code, str) else code)
+        p = SimpleNamespace(returncode=code, stdout=text, stderr=text)
+        if check and code != 0:
+            raise AssertionError(f"train.py {' '.join(args)} failed:\n{text}")
+        return p
+    return call
 
 
 def read_log(out):
@@ -48,7 +58,7 @@ def run_cost(out):
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino", "multiview"])
-def test_each_method_trains_end_to_end(tmp_path, method):
+def test_each_method_trains_end_to_end(tmp_path, run, method):
     out = str(tmp_path / method)
     extra = ["--local-crops", "2"] if method == "dino" else []
     p = run(["--method", method, "--budget", "800", "--out", out, "--accel", "q:drop=0.5", *TINY, *extra])
@@ -64,7 +74,7 @@ def test_each_method_trains_end_to_end(tmp_path, method):
     model.load_state_dict(vit.backbone_state_dict(ckpt))
 
 
-def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path):
+def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path, run):
     """Units spent = Σ_steps batch × sample_units(strategy in force), with a mid-run switch."""
     sched = tmp_path / "sched.json"
     StageSchedule([(0.0, compress.Strategy.parse("q:drop=0.75")),
@@ -94,7 +104,7 @@ def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path):
     (["--batch-size", "1"], "--batch-size 1"),
     (["--accel", "q:patch=64"], "patch 64 is larger than the 32-px image"),
 ])
-def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, run, args, message):
     out = tmp_path / "run"
     p = run(["--out", str(out), *TINY, *args], check=False)
     assert p.returncode != 0
@@ -102,7 +112,21 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, args, messag
     assert not out.exists()
 
 
-def test_empty_class_folder_is_named(tmp_path):
+def test_the_command_line_exits_non_zero_with_the_message_on_stderr(tmp_path):
+    """The in-process runs above, once as a real process: status and stream as a user sees
+    them (usage errors exit 2: one argparse finds, one found once the data is looked for),
+    and nothing written."""
+    for args, status, message in ((["--method", "byol"], 2, "invalid choice: 'byol'"),
+                                  (["--data", "folder", "--data-root", "/nonexistent/in100"], 2,
+                                   "image folder root '/nonexistent/in100' does not exist")):
+        out = tmp_path / "run"
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out),
+                            *TINY, *args], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == status and message in p.stderr and not out.exists(), p.stderr
+
+
+def test_empty_class_folder_is_named(tmp_path, run):
     from torchvision.io import write_png
     for split in ("train", "val"):
         (tmp_path / "data" / split / "cat").mkdir(parents=True)
@@ -113,7 +137,7 @@ def test_empty_class_folder_is_named(tmp_path):
     assert p.returncode != 0 and "dog" in p.stderr, p.stderr
 
 
-def test_a_previous_run_is_not_overwritten_without_resume_or_overwrite(tmp_path):
+def test_a_previous_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, run):
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 1}\n')
@@ -124,7 +148,7 @@ def test_a_previous_run_is_not_overwritten_without_resume_or_overwrite(tmp_path)
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tmp_path):
+def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tmp_path, run):
     """--accel auto: a probe at 0 % and 50 %; each one's forward/backward passes are charged
     (batch × (K_ref·c_0 + K·Σ_s c_s)), and from each point on the training steps follow its
     argmin-CA-MSE choice."""
@@ -156,7 +180,7 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
     assert os.path.isfile(os.path.join(out, "probe_50.json"))
 
 
-def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_path):
+def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_path, run):
     """--views 2 with a schedule whose second stage uses 4 views: batches carry 4 views, the
     first stage uses 2 of them, and each step pays for the views it used."""
     sched = tmp_path / "sched.json"
@@ -180,7 +204,7 @@ def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_pa
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning")   # torchvision's encoders
-def test_training_reads_a_decode_once_cache_and_names_a_missing_one(tmp_path):
+def test_training_reads_a_decode_once_cache_and_names_a_missing_one(tmp_path, run):
     """--data-cache: without the cache, train.py stops before writing anything and says the
     command that builds it; with it (built by that command), a tiny run trains end to end."""
     from torchvision.io import write_jpeg
