@@ -12,6 +12,7 @@ equally.
     python figures.py compare --method moco $D      # Figs. 4, 8, 1: probes, schedules, speed-up
     python figures.py decay --method simclr $D      # Figs. 5/6: cosine vs polynomial decay
     python figures.py views $D                      # second paper: views × data, × compression
+    python figures.py auto --method simclr $D       # §5: --accel auto's probe points, batches, grid
 
 Without ``--data`` the runs use the embedded dataset (minutes, a look at the machinery only).
 
@@ -397,8 +398,39 @@ def fig_views(args):
     report(args.folder, text, results)
 
 
+# --accel auto's choices, each against the default (4 probe points, 4 batches per probe, the
+# 6-strategy grid drop 0/0.5/0.75 × patch p0/2·p0): (row name, run name, train.py flags).
+AUTO_VARIANTS = [
+    ("auto (default)", "auto", []),
+    ("auto, 8 batches a probe", "autob8", ["--auto-batches", "8"]),
+    ("auto, the offline grid (12)", "autogrid12", ["--auto-grid", PROBE_GRID]),
+    ("auto, probes at 0 and 50 %", "autoat2", ["--auto-at", "0,0.5"]),
+    ("auto, probes at 0/10/25/50/75/90 %", "autoat6", ["--auto-at", "0,0.1,0.25,0.5,0.75,0.9"]),
+]
+
+
+def fig_auto(args):
+    """§5 online: what each choice of --accel auto does at equal total compute (its probes
+    charged to its budget): probe points, batches per probe, grid. Against the baseline of
+    the same seed; the probes' cost beside each (default auto's runs are compare's)."""
+    m, b, seeds = args.method, args.budget, args.seed_list
+    groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
+    for row, name, extra in AUTO_VARIANTS:
+        groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
+    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
+    budget = runs["baseline"][0]["budget"]
+    costs = [f"* {row}: its probes spent "
+             f"{spread([u / budget * 100 for u in results[row]['probe_units']])} % of the budget"
+             for row, _, _ in AUTO_VARIANTS]
+    text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
+            f"to the budget; speed-up against the baseline of the same seed\n\n{text}\n\n"
+            + "\n".join(costs))
+    report(args.folder, text, results)
+
+
 FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare,
-           "decay": fig_decay, "views": fig_views}
+           "decay": fig_decay, "views": fig_views, "auto": fig_auto}
 
 
 def parse_args(argv=None):
@@ -412,7 +444,8 @@ def parse_args(argv=None):
                     help="training images the curves' k-NN compares against (train.py "
                          "--knn-bank; all of them on the embedded set)")
     ap.add_argument("--budget", default=None,
-                    help="compare/views: units per run (default 500k; 200k on the embedded set)")
+                    help="compare/views/auto: units per run (default 500k; 200k on the embedded "
+                         "set)")
     ap.add_argument("--budgets", default=None, help="constant/decay: the budgets compared "
                     "(default 125k,250k,500k; 50k,100k,200k on the embedded set)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of baselines, schedules and auto")
