@@ -91,9 +91,16 @@ def start_train(out, argv, threads, fresh):
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
+THREADS = None        # threads per run (--threads); None: the cores shared by the jobs
+
+
+def run_threads(jobs):
+    return THREADS or max(1, (os.cpu_count() or 2) // jobs)
+
+
 def run_all(runs, jobs, fresh):
     """runs: [(folder, train.py flags)]; at most ``jobs`` at once, each on cores // jobs threads."""
-    threads = max(1, (os.cpu_count() or 2) // jobs)
+    threads = run_threads(jobs)
     pending, active = list(runs), {}
     while pending or active:
         while pending and len(active) < jobs:
@@ -119,7 +126,7 @@ def run_all(runs, jobs, fresh):
 
 def evaluate(outs, jobs, fresh):
     """eval.py --knn --linear on each run's last.pt → <run>/eval.json; {folder: (NN, LP)}."""
-    threads = max(1, (os.cpu_count() or 2) // jobs)
+    threads = run_threads(jobs)
     todo = [o for o in outs if fresh or not os.path.isfile(os.path.join(o, "eval.json"))]
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
@@ -455,13 +462,15 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads per run (default: the cores divided by --jobs)")
     ap.add_argument("--fresh", action="store_true", help="re-run finished runs too")
     ap.add_argument("--out", default="figs", help="parent folder of the figures and runs")
     ap.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. "
                     "'--data-size 512' for a quick look (the figures in README use none)")
     args = ap.parse_args(argv)
-    if args.jobs < 1:
-        ap.error(f"--jobs {args.jobs} must be ≥ 1")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        ap.error(f"--jobs {args.jobs} and --threads {args.threads} must be ≥ 1")
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -482,7 +491,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global THREADS
     args = parse_args(argv)
+    THREADS = args.threads
     suffix = "" if args.figure == "views" else f"_{args.method}"
     args.folder = os.path.join(args.out, args.dataset, args.figure + suffix)
     os.makedirs(args.folder, exist_ok=True)
