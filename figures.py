@@ -372,7 +372,7 @@ def fig_compare(args):
 
 
 def fig_decay(args):
-    """Figs. 5/6: cosine against polynomial decay (1 − t)² of the learning rate for the
+    """Figs. 5/6: cosine against polynomial decay 1 − t² of the learning rate for the
     baseline, at each budget of ``--budgets`` (the paper: the polynomial schedule wins under
     a tight budget)."""
     rows, results = by_budget(args, [("baseline", []), ("poly", ["--lr-schedule", "poly"])],

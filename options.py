@@ -122,7 +122,8 @@ def _add_run_flags(ap):
                          f"({CPU_PRESET_DINO_LR} for DINO)")
     ap.add_argument("--weight-decay", type=float, default=None, help="AdamW decay; default per method")
     ap.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                    help="decay after warm-up; poly = (1 − t)², higher for longer under a tight budget")
+                    help="decay after warm-up: cosine, or poly = 1 − t² (the paper's Fig. 6: "
+                         "higher than cosine for longer, for tight budgets)")
     ap.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the budget")
     ap.add_argument("--accel", default="none",
                     help="'none' (baseline), a strategy such as 'q:drop=0.75' or "

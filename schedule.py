@@ -6,9 +6,11 @@ accelerated run takes more steps for the same budget, and a schedule in steps wo
 early or too late.
 
 * **Learning rate** (§6.3, Fig. 6): linear warm-up over the first ``warmup`` of progress,
-  then cosine decay  lr·½(1 + cos(π·s))  or polynomial decay  lr·(1 − s)^α  with α = 2,
-  where s is the progress after warm-up rescaled to [0, 1]. Under a tight budget the
-  polynomial schedule keeps the rate high for longer.
+  then cosine decay  lr·½(1 + cos(π·s))  or polynomial decay  lr·(1 − s^α)  with α = 2,
+  where s is the progress after warm-up rescaled to [0, 1]. The polynomial schedule keeps
+  the rate higher than cosine throughout (at s = ½: 0.75 of the peak against 0.5) and drops
+  it late, the shape of the paper's Fig. 6, made for tight budgets. ((1 − s)^α, the other
+  reading of "polynomial decay", lies below cosine everywhere: the opposite of that figure.)
 * **Weight decay** (DINO): a half cosine from its start to its end value (``cosine_between``).
 * **EMA momentum** of MoCo-v3's momentum encoder and DINO's teacher, raised to 1 on a half
   cosine; **DINO's teacher temperature**, warmed up linearly, then constant.
@@ -30,7 +32,7 @@ CLI::
 Usage::
 
     from schedule import learning_rate, StageSchedule
-    learning_rate(0.5, base_lr=1e-3, warmup=0.1, kind="poly")    # 1e-3 · (1 − 0.444)²
+    learning_rate(0.5, base_lr=1e-3, warmup=0.1, kind="poly")    # 1e-3 · (1 − 0.444²)
     sched = StageSchedule.parse("q:drop=0.75")                     # a constant strategy
     sched.at(0.3)                                                   # Strategy(q=drop 0.75)
 """
@@ -58,7 +60,7 @@ def learning_rate(progress, base_lr, warmup=0.05, kind="cosine", alpha=2.0, fina
     if kind == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * s))            # ½(1 + cos πs)
     else:
-        factor = (1.0 - s) ** alpha                              # (1 − s)^α
+        factor = 1.0 - s ** alpha                                # 1 − s^α
     return final_lr + (base_lr - final_lr) * factor
 
 

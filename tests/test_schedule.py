@@ -22,9 +22,10 @@ def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine_or_polynomial():
         assert learning_rate(1.0, 1.0, 0.1, kind) == pytest.approx(0.0)
     s = 0.5                                   # progress 0.55 with warm-up 0.1 → s = 0.5
     assert learning_rate(0.55, 1.0, 0.1, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * s)))
-    assert learning_rate(0.55, 1.0, 0.1, "poly") == pytest.approx((1 - s) ** 2)
-    # under a tight budget the polynomial schedule keeps the rate higher for longer (Fig. 6)
-    assert learning_rate(0.3, 1.0, 0.1, "poly") < learning_rate(0.3, 1.0, 0.1, "cosine")
+    assert learning_rate(0.55, 1.0, 0.1, "poly") == pytest.approx(1 - s ** 2)
+    # the polynomial schedule keeps the rate higher than cosine for longer (the paper's Fig. 6)
+    for t in (0.2, 0.4, 0.6, 0.8, 0.95):
+        assert learning_rate(t, 1.0, 0.1, "poly") > learning_rate(t, 1.0, 0.1, "cosine")
 
 
 def test_stage_schedule_round_trips_through_json_and_switches_at_its_starts(tmp_path):
