@@ -88,7 +88,7 @@ def test_the_background_writer_saves_the_state_at_submit_while_the_caller_goes_o
     assert writer.wait() == (None, None)         # nothing in flight
 
 
-def test_training_goes_on_while_rank_0_writes_a_checkpoint(tmp_path, monkeypatch, run_main):
+def test_training_goes_on_while_rank_0_writes_a_checkpoint(tmp_path, run_main):
     """Each write (but the final one, which the run waits for) blocks until the training
     has taken its next step: a save that held up the step loop would never see that step
     (a 30-s timeout says so). The run still ends bitwise equal to one with no waiting."""
@@ -103,10 +103,10 @@ def test_training_goes_on_while_rank_0_writes_a_checkpoint(tmp_path, monkeypatch
             waited.append(stepped.wait(timeout=30))
             stepped.clear()
         real_save(obj, f)
-    monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(torch, "save", write_after_the_next_step)
-    code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "a")])
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:    # (not monkeypatch.undo: that also undoes
+        mp.setattr(train, "train_step", step)   # run_main's OMP_NUM_THREADS=1, and run b
+        mp.setattr(torch, "save", write_after_the_next_step)    # would take 2 threads)
+        code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "a")])
     assert code == 0 and len(waited) >= 3 and all(waited), (waited, text)
     code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(tmp_path / "b")])
     assert code == 0, text
@@ -140,7 +140,7 @@ def test_a_run_that_crashes_during_a_write_finishes_it_before_releasing_its_fold
 
 
 def test_a_run_whose_disk_fills_up_stops_with_the_last_good_checkpoint_and_resumes(
-        tmp_path, monkeypatch, run_main):
+        tmp_path, run_main):
     """The save after step 3 hits ENOSPC (in the background writer): the run stops (exit 1)
     at the next save, naming the path, the error, the space left and the step whose save
     failed; last.pt is step 2's; no STOPPED (a full disk is not a diverged run), so --resume,
@@ -152,10 +152,10 @@ def test_a_run_whose_disk_fills_up_stops_with_the_last_good_checkpoint_and_resum
         if calls[0] == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, f)
-    monkeypatch.setattr(torch, "save", full_at_the_fourth_save)
     out = tmp_path / "run"
-    code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(out)])
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", full_at_the_fourth_save)
+        code, text, _ = run_main([*TINY, "--budget", "1k", "--out", str(out)])
     assert code == 1, text
     assert f"error: cannot write {out / 'last.pt'}: No space left on device (" in text, text
     assert "(the save after step 3); the run stopped after step 4: make room, then --resume " \
