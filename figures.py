@@ -91,16 +91,9 @@ def start_train(out, argv, threads, fresh):
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-THREADS = None        # threads per run (--threads); None: the cores shared by the jobs
-
-
-def run_threads(jobs):
-    return THREADS or max(1, (os.cpu_count() or 2) // jobs)
-
-
-def run_all(runs, jobs, fresh):
-    """runs: [(folder, train.py flags)]; at most ``jobs`` at once, each on cores // jobs threads."""
-    threads = run_threads(jobs)
+def run_all(runs, args):
+    """runs: [(folder, train.py flags)]; at most --jobs at once, each on --threads threads."""
+    jobs, threads, fresh = args.jobs, args.threads, args.fresh
     pending, active = list(runs), {}
     while pending or active:
         while pending and len(active) < jobs:
@@ -124,9 +117,9 @@ def run_all(runs, jobs, fresh):
         time.sleep(0.5)
 
 
-def evaluate(outs, jobs, fresh):
+def evaluate(outs, args):
     """eval.py --knn --linear on each run's last.pt → <run>/eval.json; {folder: (NN, LP)}."""
-    threads = run_threads(jobs)
+    jobs, threads, fresh = args.jobs, args.threads, args.fresh
     todo = [o for o in outs if fresh or not os.path.isfile(os.path.join(o, "eval.json"))]
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
@@ -231,7 +224,7 @@ def group_rows(args, groups, base_name="baseline"):
     """One table row per named group of runs ({name: [folders, seed by seed]}): strategy,
     steps, final NN and LP (eval.py), training minutes and the speed-up over the baseline of
     the same seed, each as mean (range). Returns (table text, results, {name: [read_run]})."""
-    evals = evaluate([o for outs in groups.values() for o in outs], args.jobs, args.fresh)
+    evals = evaluate([o for outs in groups.values() for o in outs], args)
     runs = {n: [read_run(o) for o in outs] for n, outs in groups.items()}
     rows, results = [], {}
     for n, outs in groups.items():
@@ -292,8 +285,8 @@ def by_budget(args, variants, seeds):
     gain over the reference of the same budget and seed."""
     groups = {(name, b): [spec(args, args.method, name, b, s, *extra) for s in seeds]
               for b in args.budgets.split(",") for name, extra in variants}
-    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
-    evals = evaluate([o for g in groups.values() for o, _ in g], args.jobs, args.fresh)
+    run_all([r for g in groups.values() for r in g], args)
+    evals = evaluate([o for g in groups.values() for o, _ in g], args)
     reference = variants[0][0]
     rows, results = [], {}
     for (name, b), g in groups.items():
@@ -347,13 +340,13 @@ def fig_compare(args):
     consts = seeds[:args.constant_seeds]
     base = [spec(args, m, "baseline", b, s) for s in seeds]
     drop = [spec(args, m, "drop", b, s, "--accel", DROP) for s in consts]
-    run_all(base + drop, args.jobs, args.fresh)
+    run_all(base + drop, args)
     sched, probe_units = probe_and_build(args, base[0][0])
     groups = dict(baseline=base, drop=drop,
                   patch=[spec(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
                   schedule=[spec(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
                   auto=[spec(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
-    run_all(groups["schedule"] + groups["auto"] + groups["patch"], args.jobs, args.fresh)
+    run_all(groups["schedule"] + groups["auto"] + groups["patch"], args)
     text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
     auto_units = results["auto"]["probe_units"]
     budget = runs["baseline"][0]["budget"]
@@ -397,7 +390,7 @@ def fig_views(args):
                                      for s in seeds],
         "4 views at drop 0.5": [spec(args, "multiview", "v4drop", b, s, "--views", "4",
                                      "--accel", "qk:drop=0.5") for s in seeds]}
-    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    run_all([r for g in groups.values() for r in g], args)
     text, results, _ = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()},
                                   base_name="2 views, all images")
     text = (f"multi-view loss, budget {b} units ({describe(args)}; half = {half} images): "
@@ -424,7 +417,7 @@ def fig_auto(args):
     groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
     for row, name, extra in AUTO_VARIANTS:
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
-    run_all([r for g in groups.values() for r in g], args.jobs, args.fresh)
+    run_all([r for g in groups.values() for r in g], args)
     text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
     budget = runs["baseline"][0]["budget"]
     costs = [f"* {row}: its probes spent "
@@ -471,6 +464,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         ap.error(f"--jobs {args.jobs} and --threads {args.threads} must be ≥ 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -491,9 +485,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    global THREADS
     args = parse_args(argv)
-    THREADS = args.threads
     suffix = "" if args.figure == "views" else f"_{args.method}"
     args.folder = os.path.join(args.out, args.dataset, args.figure + suffix)
     os.makedirs(args.folder, exist_ok=True)
