@@ -42,7 +42,7 @@ import json
 import math
 import os
 
-from compress import Strategy, ViewCompression
+from compress import NONE, Strategy, ViewCompression
 from plots import plot_lr, save_heatmaps  # Figs. 4 and 6
 
 LR_SCHEDULES = ("cosine", "poly")
@@ -240,6 +240,17 @@ def build_schedule(results):
         if s != merged[-1][1]:
             merged.append((start, s))
     return StageSchedule(merged)
+
+
+def auto_schedule(chosen):
+    """--accel auto's schedule so far, from its probes' choices (train.py keeps them in the
+    checkpoint's state): uncompressed until the first probe, then each probe's choice from its
+    --auto-at point on."""
+    stages = [(0.0, NONE)]
+    for c in chosen:
+        stage = (c["start"], Strategy.parse(c["strategy"]))
+        stages[-1:] = [stages[-1], stage] if c["start"] > 0 else [stage]
+    return StageSchedule(stages)
 
 
 # ================================================================================ CLI

@@ -24,6 +24,7 @@ import compress  # noqa: E402
 import distributed  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
+import startup  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
@@ -100,7 +101,7 @@ def recorded(request):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         run = build_run(args)
-        state = train.TrainState(prices=[args.batch_size * run.price(s)
+        state = startup.TrainState(prices=[args.batch_size * run.price(s)
                                          for _, s in run.accel.stages])
         loader = iter(run.loader)
         batches = [next(loader)[0] for _ in range(4)]          # (the loader works on the host)
