@@ -340,22 +340,21 @@ def test_a_preempted_group_saves_one_step_exits_75_and_resumes_bitwise(tmp_path)
         assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
 
 
-@pytest.mark.parametrize("fault", ["die", "hang"])
-def test_a_group_whose_rank_dies_or_hangs_ends_within_the_timeout(tmp_path, fault):
-    """Rank 1 dies (os._exit) or hangs (sleeps outside any collective) at step 3; rank 0 waits
-    in the step's collective. Dead: the connection closes and the group ends at once. Hung:
-    rank 0 gives up after --dist-timeout (0.1 min here), names it, and exits 1; torchrun then
-    ends the group (--shutdown-timeout 5: the hung rank takes SIGTERM as a preemption it never
-    acts on, so torchrun's SIGKILL ends it)."""
+def test_a_group_whose_rank_dies_or_hangs_ends_within_the_timeout(tmp_path):
+    """Rank 1 dies (os._exit) in one group and hangs (sleeps outside any collective) in
+    another, both at step 3 (the two groups run at once); rank 0 waits in the step's
+    collective. Dead: the connection closes and the group ends at once. Hung: rank 0 gives up
+    after --dist-timeout (0.1 min here), names it, and exits 1; torchrun then ends the group
+    (--shutdown-timeout 5: the hung rank takes SIGTERM as a preemption it never acts on, so
+    torchrun's SIGKILL ends it)."""
     t0 = time.time()
-    p = torchrun([os.path.abspath(__file__), f"--{'crash' if fault == 'die' else 'hang'}-at",
-                  "3", *TINY, "--budget", "5k", "--dist-timeout", "0.1", "--out",
-                  str(tmp_path / "run")], launcher=["--shutdown-timeout=5"])
-    out = finish(p, timeout=120, status=1)
+    groups = {fault: torchrun([os.path.abspath(__file__), f"--{fault}-at", "3", *TINY, "--budget",
+                               "5k", "--dist-timeout", "0.1", "--out", str(tmp_path / fault)],
+                              launcher=["--shutdown-timeout=5"]) for fault in ("crash", "hang")}
+    out = {fault: finish(p, timeout=120, status=1) for fault, p in groups.items()}
     assert time.time() - t0 < 90
-    if fault == "hang":
-        assert "error: rank 0 lost the other ranks after step 2 (waited up to --dist-timeout " \
-               "0.1 min" in out, out
+    assert "error: rank 0 lost the other ranks after step 2 (waited up to --dist-timeout " \
+           "0.1 min" in out["hang"], out["hang"]
 
 
 @pytest.fixture(scope="module")
