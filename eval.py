@@ -360,6 +360,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init, probe, FT")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument("--all-train", action="store_true",
+                   help="k-NN and linear probe on the whole training split, also for a run "
+                        "pretrained on --data-size of it (less pretraining data, the same "
+                        "labelled data: how figures.py compares them)")
     # Caps both splits to N images (build_dataset's size): smoke tests, not reported numbers.
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -412,9 +416,11 @@ def main(argv=None):
     root = args.data_root or train_args.get("data_root")
     img_size = args.img_size or train_args.get("img_size") or (
         backbone.img_size if backbone is not None else 32)
-    # The seed and training-set size of the run, so NN reproduces the k-NN train.py logged.
+    # The seed and training-set size of the run, so NN reproduces the k-NN train.py logged
+    # (--all-train: the whole split, however many images the run pretrained on).
     same = name == train_args.get("data")
-    sizes = dict(train=args.limit or (train_args.get("data_size") if same else None),
+    sizes = dict(train=args.limit or (train_args.get("data_size") if same and not args.all_train
+                                      else None),
                  val=args.limit)
     try:
         bases = [data.build_dataset(name, root=root, split=s, img_size=img_size,

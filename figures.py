@@ -118,14 +118,15 @@ def run_all(runs, args):
 
 
 def evaluate(outs, args):
-    """eval.py --knn --linear on each run's last.pt → <run>/eval.json; {folder: (NN, LP)}."""
+    """eval.py --knn --linear on each run's last.pt → <run>/eval.json; {folder: (NN, LP)}:
+    against the whole training split, also for runs pretrained on part of it (--all-train)."""
     jobs, threads, fresh = args.jobs, args.threads, args.fresh
     todo = [o for o in outs if fresh or not os.path.isfile(os.path.join(o, "eval.json"))]
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         ps = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"),
-                                os.path.join(o, "last.pt"), "--knn", "--linear",
+                                os.path.join(o, "last.pt"), "--knn", "--linear", "--all-train",
                                 "--out", os.path.join(o, "eval.json")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                                cwd=ROOT, text=True) for o in batch]

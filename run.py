@@ -227,7 +227,11 @@ def build_training(run):
                                    num_workers=args.workers, pin_memory=run.device.type == "cuda")
     val = build_dataset(args, "val", run.backbone.img_size,       # every rank: eval.knn_accuracy
                         args.data_size and max(args.data_size // 4, 20))     # shares the work
-    run.knn_sets = (data.EvalDataset(run.train_base, run.backbone.img_size, subset=args.knn_bank),
+    # A --knn-bank is drawn from the whole training split, so a run pretrained on --data-size
+    # of it is measured against the same images as every other run of a comparison.
+    bank = build_dataset(args, "train", run.backbone.img_size, None) if args.knn_bank and \
+        args.data_size else run.train_base
+    run.knn_sets = (data.EvalDataset(bank, run.backbone.img_size, subset=args.knn_bank),
                     data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)
     run.watch = torch.zeros(4, device=run.device)          # train.watch_loss

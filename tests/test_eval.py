@@ -179,6 +179,23 @@ def test_cli_knn_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert 0 <= results["knn"]["top1"] <= 100 and 0 <= results["pixel_knn"]["top1"] <= 100
 
 
+def test_all_train_evaluates_a_run_pretrained_on_part_of_the_data_against_every_image(tmp_path):
+    """By default a run's k-NN bank is the --data-size images it trained on (the k-NN it
+    logged); --all-train takes the whole split (less pretraining data, the same labels)."""
+    model = vit.ViT(**TINY)
+    torch.save({"vit_config": model.config(), "backbone": model.state_dict(),
+                "args": {"data": "embedded", "data_root": None, "img_size": 32,
+                         "data_size": 100}}, tmp_path / "part.pt")
+    n = {}
+    for flags in ((), ("--all-train",)):
+        out = tmp_path / f"res{len(flags)}.json"
+        proc = run_cli(str(tmp_path / "part.pt"), "--knn", "--device", "cpu", "--out", str(out),
+                       *flags)
+        assert proc.returncode == 0, proc.stderr
+        n[flags] = json.loads(out.read_text())["n_train"]
+    assert n[()] == 100 and n[("--all-train",)] == 8000
+
+
 def test_bad_cli_input_exits_with_a_message_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         ev.main([str(tmp_path / "missing.pt"), "--knn"])

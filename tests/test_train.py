@@ -236,3 +236,21 @@ def test_training_reads_a_decode_once_cache_and_names_a_missing_one(tmp_path, ru
     p = run(args)
     assert "k-NN top-1" in p.stdout and "8 val images" in p.stdout and "done:" in p.stdout, p.stdout
     assert os.path.isfile(out / "last.pt")
+
+
+def test_a_knn_bank_is_the_same_images_for_a_run_pretrained_on_part_of_the_data():
+    """--knn-bank draws from the whole training split: a --data-size run's curve is measured
+    against the same images as a full run's (figures.py compares their curves)."""
+    from options import get_args
+    from run import build_run
+    sets = {}
+    for size in ([], ["--data-size", "300"]):
+        args, _ = get_args(["--method", "simclr", "--knn-bank", "64", *size])
+        run = build_run(args)
+        sets[bool(size)] = run
+    full, part = sets[False], sets[True]
+    assert len(part.train_base) == 300 < len(full.train_base)
+    assert part.knn_sets[0].index == full.knn_sets[0].index and len(part.knn_sets[0]) == 64
+    for i in (0, 31, 63):
+        (a, la), (b, lb) = full.knn_sets[0][i], part.knn_sets[0][i]
+        assert torch.equal(a, b) and la == lb
