@@ -437,7 +437,8 @@ def main(argv=None):
     # ===== protocols =====
     results, table = dict(checkpoint=args.checkpoint, format=info.get("format"),
                           branch=info.get("branch", args.branch), config=info.get("config"), data=name,
-                          img_size=img_size, n_train=len(train_set), n_val=len(val_set)), []
+                          img_size=img_size, n_train=len(train_set), n_val=len(val_set),
+                          all_train=args.all_train), []
     start = time.time()
     if args.pixel_knn:
         acc = raw_pixel_knn(train_set, val_set, args.k, args.temperature)

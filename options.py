@@ -251,9 +251,9 @@ def _add_output_flags(ap):
                     help="k-NN accuracy every this fraction of the budget (0: only at the start and end)")
     ap.add_argument("--knn-bank", type=int, default=None, metavar="N",
                     help="k-NN during training against N training images (a fixed random subset "
-                         "of the whole training split, the same for every run, seed and "
-                         "--data-size) instead of all the run's: a cheaper curve for figures; "
-                         "eval.py always uses all of them")
+                         "of the whole training split, the same for every run and --data-size) "
+                         "instead of all the run's: a cheaper curve for figures; eval.py always "
+                         "uses all of them")
     ap.add_argument("--ckpt-at", type=fraction_list, default=fraction_list("0,0.25,0.5,0.75,1"),
                     help="progress fractions at which ckpt_<pct>.pt is kept")
     ap.add_argument("--save-every", type=float, default=0.05,

@@ -85,8 +85,10 @@ def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flag
     assert argv[:6] == ["--method", "moco", "--budget", "500k", "--seed", "4"]
     assert argv[argv.index("--knn-bank") + 1] == "10000"
     assert argv[-2:] == ["--accel", "q:drop=0.75"]
-    embedded = figures.parse_args(["compare"])           # the whole (small) training set
-    assert "--knn-bank" not in figures.spec(embedded, "simclr", "b", "1k", 0)[1]
+    embedded = figures.parse_args(["views"])   # the bank: every one of the 8,000 images, also
+    argv = figures.spec(embedded, "simclr", "b", "1k", 0, "--data-size", "4000")[1]  # for a
+    assert argv[argv.index("--knn-bank") + 1] == "10000"      # run that pretrains on half
+    assert embedded.all_train and not args.all_train          # views: eval.py --all-train
     with pytest.raises(SystemExit):
         figures.parse_args(["compare", "--seeds", "0,1", "--constant-seeds", "3"])
 
@@ -117,3 +119,29 @@ def test_bands_are_drawn_from_curves_of_several_seeds_or_skipped_without_matplot
         return
     plots.plot_bands(str(path), curves, "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_views_figure_redoes_an_evaluation_made_without_all_train(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeEval:                             # eval.py: writes what it was asked for
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+            with open(cmd[cmd.index("--out") + 1], "w") as f:
+                json.dump(dict(all_train="--all-train" in cmd, knn=dict(top1=1.0),
+                               linear=dict(top1=2.0)), f)
+
+        def communicate(self):
+            return "", ""
+
+    monkeypatch.setattr(figures.subprocess, "Popen", FakeEval)
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "eval.json"), "w") as f:       # made without --all-train
+        json.dump(dict(knn=dict(top1=5.0), linear=dict(top1=6.0)), f)
+    compare, views = figures.parse_args(["compare"]), figures.parse_args(["views"])
+    assert figures.evaluate([run], compare) == {run: (5.0, 6.0)} and not calls     # reused
+    assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and "--all-train" in calls[0]
+    assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
