@@ -369,9 +369,14 @@ def fig_compare(args):
             "budget.\n\n" + text)
     results["offline_probe_units"] = probe_units
     report(args.folder, text, results)
+    plot_curves(args, results, f"{m}: k-NN vs budget and training time ({args.dataset}, "
+                               "mean and range)")
+
+
+def plot_curves(args, results, title):
+    """Fig. 1's k-NN curves of group_rows' results, a band over seeds: knn_vs_budget.png."""
     plots.plot_bands(os.path.join(args.folder, "knn_vs_budget.png"),
-                     {n: r["curves"] for n, r in results.items() if isinstance(r, dict)},
-                     f"{m}: k-NN vs budget and training time ({args.dataset}, mean and range)")
+                     {n: r["curves"] for n, r in results.items() if isinstance(r, dict)}, title)
 
 
 def fig_decay(args):
@@ -412,6 +417,8 @@ def fig_views(args):
     text = (f"multi-view loss, budget {b} units ({describe(args)}; half = {half} images): "
             "speed-up against 2 views on all images of the same seed\n\n" + text)
     report(args.folder, text, results)
+    plot_curves(args, results, f"multi-view loss: k-NN vs budget and training time "
+                               f"({args.dataset}, mean and range)")
 
 
 # --accel auto's choices, each against the default (4 probe points, 4 batches per probe, the
@@ -443,6 +450,7 @@ def fig_auto(args):
             f"to the budget; speed-up against the baseline of the same seed\n\n{text}\n\n"
             + "\n".join(costs))
     report(args.folder, text, results)
+    plot_curves(args, results, f"{m}: --accel auto's choices ({args.dataset}, mean and range)")
 
 
 FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare,
