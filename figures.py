@@ -437,15 +437,16 @@ def fig_auto(args):
     charged to its budget): probe points, batches per probe, grid. Against the baseline of
     the same seed; the probes' cost beside each (default auto's runs are compare's)."""
     m, b, seeds = args.method, args.budget, args.seed_list
+    variants = [v for v in AUTO_VARIANTS if v[1] in args.variant_list]
     groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
-    for row, name, extra in AUTO_VARIANTS:
+    for row, name, extra in variants:
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
     run_all([r for g in groups.values() for r in g], args)
     text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
     budget = runs["baseline"][0]["budget"]
     costs = [f"* {row}: its probes spent "
              f"{spread([u / budget * 100 for u in results[row]['probe_units']])} % of the budget"
-             for row, _, _ in AUTO_VARIANTS]
+             for row, _, _ in variants]
     text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
             f"to the budget; speed-up against the baseline of the same seed\n\n{text}\n\n"
             + "\n".join(costs))
@@ -477,6 +478,9 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half the training split)")
+    ap.add_argument("--variants", default=",".join(v[1] for v in AUTO_VARIANTS),
+                    help="auto: which of --accel auto's choices run (default all: "
+                         + ", ".join(v[1] for v in AUTO_VARIANTS) + ")")
     ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")
@@ -498,6 +502,11 @@ def parse_args(argv=None):
     if not 1 <= args.constant_seeds <= len(args.seed_list):
         ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
                  f"(the number of --seeds)")
+    args.variant_list = args.variants.split(",")
+    unknown = sorted(set(args.variant_list) - {v[1] for v in AUTO_VARIANTS})
+    if unknown:
+        ap.error(f"--variants {args.variants!r}: unknown {', '.join(unknown)}; allowed: "
+                 + ", ".join(v[1] for v in AUTO_VARIANTS))
     embedded = args.data == "embedded"
     args.dataset = os.path.basename(os.path.normpath(args.data_root)) \
         if args.data == "folder" and args.data_root else args.data

@@ -93,6 +93,25 @@ def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flag
         figures.parse_args(["compare", "--seeds", "0,1", "--constant-seeds", "3"])
 
 
+def test_the_auto_figure_runs_only_the_chosen_variants(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        figures.parse_args(["auto", "--variants", "auto,autob9"])
+    assert "unknown autob9; allowed: auto, autob8" in capsys.readouterr().err
+    args = figures.parse_args(["auto", "--variants", "autob8", "--seeds", "0,1",
+                               "--out", str(tmp_path)])
+    ran = []
+
+    def stop(runs, _):
+        ran.extend(runs)
+        raise StopIteration
+    monkeypatch.setattr(figures, "run_all", stop)
+    with pytest.raises(StopIteration):
+        figures.fig_auto(args)
+    names = [os.path.basename(out) for out, _ in ran]
+    assert names == ["baseline_200k_s0", "baseline_200k_s1", "autob8_200k_s0", "autob8_200k_s1"]
+    assert ran[-1][1][-4:] == ["--accel", "auto", "--auto-batches", "8"]
+
+
 def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(figures.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
