@@ -389,13 +389,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    torch.manual_seed(args.seed)
-
-    # ===== backbone =====
+def _backbone(args):
+    """The backbone to evaluate (None for --pixel-knn alone) and what its checkpoint says."""
     backbone, info = None, dict(path=args.checkpoint, args=None)
     try:
         if args.checkpoint is not None:
@@ -408,8 +403,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError,
             EOFError) as err:
         raise SystemExit(f"eval.py: error: {err}")
+    return backbone, info
 
-    # ===== data: defaults from the checkpoint's training arguments =====
+
+def _datasets(args, backbone, info):
+    """(train, val) EvalDatasets, the data set's name and the image size: defaults from the
+    checkpoint's training arguments."""
     import data                                  # only the CLI needs datasets (and torchvision)
     train_args = info.get("args") or {}
     name = args.data or train_args.get("data") or "embedded"
@@ -428,17 +427,13 @@ def main(argv=None):
                                     size=sizes[s], cache=args.data_cache) for s in ("train", "val")]
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise SystemExit(f"eval.py: error: dataset {name!r}: {err}")
-    num_classes = len(bases[0].classes)
     train_set, val_set = [data.EvalDataset(b, img_size) for b in bases]
-    print(f"{info.get('format', 'pixels')} {info.get('path') or ''}".strip() + f" | {name}: "
-          f"{len(train_set)} train / {len(val_set)} val, {num_classes} classes, {img_size} px, "
-          f"{device}", flush=True)
+    return train_set, val_set, name, img_size
 
-    # ===== protocols =====
-    results, table = dict(checkpoint=args.checkpoint, format=info.get("format"),
-                          branch=info.get("branch", args.branch), config=info.get("config"), data=name,
-                          img_size=img_size, n_train=len(train_set), n_val=len(val_set),
-                          all_train=args.all_train), []
+
+def _protocols(args, backbone, train_set, val_set, num_classes, device):
+    """Run the asked protocols: ({protocol: dict(top1=…, settings, seconds)}, "NN 41.3 | …")."""
+    results, table = {}, []
     start = time.time()
     if args.pixel_knn:
         acc = raw_pixel_knn(train_set, val_set, args.k, args.temperature)
@@ -478,8 +473,27 @@ def main(argv=None):
         results["finetune"] = dict(top1=acc, lr=args.ft_lr, epochs=args.ft_epochs,
                                    seconds=round(time.time() - start, 1))
         table.append(f"FT {acc:.1f}")
+    return results, " | ".join(table)
 
-    print(" | ".join(table))
+
+def main(argv=None):
+    args = parse_args(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    backbone, info = _backbone(args)
+    train_set, val_set, name, img_size = _datasets(args, backbone, info)
+    num_classes = len(train_set.classes)
+    print(f"{info.get('format', 'pixels')} {info.get('path') or ''}".strip() + f" | {name}: "
+          f"{len(train_set)} train / {len(val_set)} val, {num_classes} classes, {img_size} px, "
+          f"{device}", flush=True)
+    results = dict(checkpoint=args.checkpoint, format=info.get("format"),
+                   branch=info.get("branch", args.branch), config=info.get("config"), data=name,
+                   img_size=img_size, n_train=len(train_set), n_val=len(val_set),
+                   all_train=args.all_train)
+    measured, table = _protocols(args, backbone, train_set, val_set, num_classes, device)
+    results.update(measured)
+    print(table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
