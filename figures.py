@@ -429,6 +429,7 @@ AUTO_VARIANTS = [
     ("auto, the offline grid (12)", "autogrid12", ["--auto-grid", PROBE_GRID]),
     ("auto, probes at 0 and 50 %", "autoat2", ["--auto-at", "0,0.5"]),
     ("auto, probes at 0/10/25/50/75/90 %", "autoat6", ["--auto-at", "0,0.1,0.25,0.5,0.75,0.9"]),
+    ("auto, cheapest within 1.5× of the least CA-MSE", "autotol15", ["--auto-tolerance", "1.5"]),
 ]
 
 

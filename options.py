@@ -137,6 +137,9 @@ def _add_run_flags(ap):
     ap.add_argument("--auto-batches", type=int, default=4,
                     help="--accel auto: K = K_ref gradients per strategy in each probe; the "
                          "probe's forward/backward passes are charged to the budget")
+    ap.add_argument("--auto-tolerance", type=float, default=1.0,
+                    help="--accel auto: take the cheapest strategy whose CA-MSE is within this "
+                         "factor of the least (default 1: the argmin, the paper's rule)")
     ap.add_argument("--momentum", type=float, default=None,
                     help="base EMA rate of MoCo-v3's momentum encoder / DINO's teacher, raised "
                          "to 1 on a cosine over progress; default 0.99 (MoCo-v3; 0.9 on the cpu "
@@ -332,6 +335,8 @@ def _check_run(args, ap):
         args.views = 2 + args.local_crops
     if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
         ap.error(f"--momentum {args.momentum} must be in [0, 1)")
+    if not (math.isfinite(args.auto_tolerance) and args.auto_tolerance >= 1.0):
+        ap.error(f"--auto-tolerance {args.auto_tolerance} must be a number ≥ 1 (1: the argmin)")
     if args.auto_batches < 2:
         ap.error(f"--auto-batches {args.auto_batches} must be ≥ 2 (a variance needs two samples)")
     if not 0.0 <= args.eval_every <= 1.0 or not 0.0 < args.save_every <= 1.0:

@@ -225,9 +225,14 @@ def _grid_product(group, text, base_patch):
 
 
 # ================================================================= schedules from probes
-def best_strategy(result):
-    """The strategy of least CA-MSE in one probe's result (probe.py)."""
-    return min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]
+def best_strategy(result, tolerance=1.0):
+    """The strategy of least CA-MSE in one probe's result (probe.py): the paper's rule. With
+    ``tolerance`` τ > 1, the cheapest strategy whose CA-MSE is at most τ times the least — a
+    near-tie broken towards the fewer units per sample (--auto-tolerance)."""
+    best = min(result["rows"], key=lambda r: r["ca_mse"])
+    near = [r for r in result["rows"] if r["ca_mse"] <= tolerance * best["ca_mse"]]
+    return min(near, key=lambda r: (r["units"], r["ca_mse"]))["strategy"] if tolerance > 1 \
+        else best["strategy"]
 
 
 def build_schedule(results):

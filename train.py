@@ -53,7 +53,7 @@ from cluster import PREEMPTED, PreemptionSignals, RunLock, signal_name
 from distributed import cpu_group, gather_no_grad, is_lost_rank
 from options import get_args, hms
 from probe import probe
-from schedule import auto_schedule, cosine_between, learning_rate
+from schedule import auto_schedule, best_strategy, cosine_between, learning_rate
 from startup import start
 
 
@@ -262,7 +262,7 @@ def auto_probe(run, state):
                        ref_batches=args.auto_batches, batch_size=args.batch_size // run.world,
                        seed=(args.seed + 1) * 7919 + 104_729 * n, views=args.views,
                        local_size=run.local_size)
-    best = [min(result["rows"], key=lambda r: r["ca_mse"])["strategy"]]
+    best = [best_strategy(result, args.auto_tolerance)]
     if run.world > 1:
         dist.broadcast_object_list(best, src=0)
     units = result["units_spent"] * run.world                 # every rank probed its batches

@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
 import schedule  # noqa: E402
 from plots import save_heatmaps  # noqa: E402
-from schedule import StageSchedule, build_schedule, learning_rate, parse_grid  # noqa: E402
+from schedule import (StageSchedule, best_strategy, build_schedule, learning_rate,  # noqa: E402
+                      parse_grid)
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine_or_polynomial():
@@ -81,6 +82,16 @@ def test_build_picks_argmin_ca_mse_per_stage_and_merges_repeats():
     sched = build_schedule([result(0.5, "q:drop=0.5"), result(0.0, "q:drop=0.9"),
                             result(0.25, "q:drop=0.9")])
     assert [(s, str(st)) for s, st in sched.stages] == [(0.0, "q:drop=0.9"), (0.5, "q:drop=0.5")]
+
+
+def test_a_tolerance_breaks_near_ties_towards_the_cheaper_strategy():
+    rows = [dict(strategy="none", ca_mse=1.0, units=10.0),
+            dict(strategy="q:drop=0.5", ca_mse=0.40, units=6.4),
+            dict(strategy="q:drop=0.5,patch=8;k:patch=8", ca_mse=0.42, units=2.8),
+            dict(strategy="q:drop=0.75,patch=8;k:patch=8", ca_mse=0.90, units=1.6)]
+    assert best_strategy(dict(rows=rows)) == "q:drop=0.5"                    # the argmin
+    assert best_strategy(dict(rows=rows), 1.5) == "q:drop=0.5,patch=8;k:patch=8"
+    assert best_strategy(dict(rows=rows), 3.0) == "q:drop=0.75,patch=8;k:patch=8"
 
 
 def test_grid_views_multiply_the_product_and_default_to_the_runs_own():

@@ -180,6 +180,19 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
     assert os.path.isfile(os.path.join(out, "probe_50.json"))
 
 
+def test_an_auto_tolerance_takes_the_cheapest_strategy_near_the_least_ca_mse(tmp_path, run):
+    """--auto-tolerance τ: the probe's choice is the cheapest strategy with CA-MSE ≤ τ·least;
+    a huge τ makes every strategy near enough, so the cheapest of the grid is chosen."""
+    out = str(tmp_path / "tolerant")
+    run(["--method", "simclr", "--budget", "1.5k", "--out", out, "--accel", "auto", "--auto-at",
+         "0", "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8",
+         "--auto-tolerance", "1e9", *TINY])
+    probes = [r for r in read_log(out) if "auto" in r]
+    cheapest = min(probes[0]["rows"], key=lambda row: row["units"])["strategy"]
+    assert [r["auto"] for r in probes] == [cheapest] == ["q:drop=0.75,patch=8;k:patch=8"]
+    assert {r["strategy"] for r in read_log(out) if "loss" in r} == {cheapest}
+
+
 def test_every_view_is_charged_and_a_stage_may_change_the_number_of_views(tmp_path, run):
     """--views 2 with a schedule whose second stage uses 4 views: batches carry 4 views, the
     first stage uses 2 of them, and each step pays for the views it used."""
