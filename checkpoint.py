@@ -244,8 +244,8 @@ def set_rng_state(s):
 FIXED_ARGS = ("method", "data", "model", "img_size", "patch_size", "batch_size", "budget", "lr",
               "weight_decay", "lr_schedule", "warmup", "accel", "cost", "symmetric",
               "local_crops", "seed", "data_size", "views", "auto_grid", "auto_at", "auto_batches",
-              "momentum", "clip_grad", "weight_decay_end", "min_lr", "out_dim", "teacher_temp",
-              "warmup_teacher_temp", "warmup_teacher_temp_frac", "freeze_last_layer",
+              "auto_tolerance", "momentum", "clip_grad", "weight_decay_end", "min_lr", "out_dim",
+              "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_frac", "freeze_last_layer",
               "stop_grad_conv1", "pos_embed", "proj_dim", "lambd", "colour", "crop_scale",
               "jitter_strength", "hue", "grayscale", "blur", "solarize", "local_crop_scale",
               "local_size")

@@ -480,8 +480,8 @@ def parse_args(argv=None):
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half the training split)")
     ap.add_argument("--variants", default=",".join(v[1] for v in AUTO_VARIANTS),
-                    help="auto: which of --accel auto's choices run (default all: "
-                         + ", ".join(v[1] for v in AUTO_VARIANTS) + ")")
+                    help="auto: which of --accel auto's choices run, and the figure's table "
+                         "shows (default all: " + ", ".join(v[1] for v in AUTO_VARIANTS) + ")")
     ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")

@@ -251,9 +251,10 @@ def at_fractions(run, state, last_good):
 
 def auto_probe(run, state):
     """--accel auto: CA-MSE of every --auto-grid strategy at the current weights (probe.py),
-    on every rank in lockstep (the losses gather across ranks); rank 0's argmin is the next
-    stage. Every forward/backward pass of the probe is charged to the budget, so an auto run
-    compares with a fixed schedule at equal total compute. The probe restores weights,
+    on every rank in lockstep (the losses gather across ranks); rank 0's choice (the argmin,
+    or the cheapest near it: --auto-tolerance) is the next stage. Every forward/backward pass
+    of the probe is charged to the budget, so an auto run compares with a fixed schedule at
+    equal total compute. The probe restores weights,
     buffers and RNG, so a resumed run that replays it makes the same choice."""
     args, n = run.args, len(state.auto)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):  # as a step

@@ -184,6 +184,7 @@ def run_main(argv, capsys, monkeypatch):
     (["--lr", "0.002"], "lr: {lr!r} → 0.002"),           # {lr}: the method's default rate
     (["--budget", "3k"], "budget: 1300.0 → 3000.0"),
     (["--img-size", "32"], "img_size: 16 → 32"),
+    (["--auto-tolerance", "1.5"], "auto_tolerance: 1.0 → 1.5"),   # what a probe would choose
 ])
 def test_resume_with_changed_settings_is_refused_and_touches_nothing(moco, change, named,
                                                                      capsys, monkeypatch):

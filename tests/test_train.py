@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import compress  # noqa: E402
+import schedule  # noqa: E402
 import vit  # noqa: E402
 from schedule import StageSchedule  # noqa: E402
 
@@ -180,15 +181,23 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
     assert os.path.isfile(os.path.join(out, "probe_50.json"))
 
 
-def test_an_auto_tolerance_takes_the_cheapest_strategy_near_the_least_ca_mse(tmp_path, run):
-    """--auto-tolerance τ: the probe's choice is the cheapest strategy with CA-MSE ≤ τ·least;
-    a huge τ makes every strategy near enough, so the cheapest of the grid is chosen."""
+def test_an_auto_tolerance_takes_the_cheapest_strategy_near_the_least_ca_mse(tmp_path, run,
+                                                                            monkeypatch):
+    """--auto-tolerance τ reaches the probe's choice (schedule.best_strategy: the cheapest
+    strategy with CA-MSE ≤ τ·least, tested there); a huge τ makes every strategy near enough,
+    so the cheapest of the grid is chosen and trained with."""
+    import train
+    seen = []
+    monkeypatch.setattr(train, "best_strategy",
+                        lambda result, tolerance: seen.append(tolerance) or
+                        schedule.best_strategy(result, tolerance))
     out = str(tmp_path / "tolerant")
     run(["--method", "simclr", "--budget", "1.5k", "--out", out, "--accel", "auto", "--auto-at",
          "0", "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8",
          "--auto-tolerance", "1e9", *TINY])
     probes = [r for r in read_log(out) if "auto" in r]
     cheapest = min(probes[0]["rows"], key=lambda row: row["units"])["strategy"]
+    assert seen == [1e9]
     assert [r["auto"] for r in probes] == [cheapest] == ["q:drop=0.75,patch=8;k:patch=8"]
     assert {r["strategy"] for r in read_log(out) if "loss" in r} == {cheapest}
 
