@@ -354,7 +354,8 @@ SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods
 
 
 # ======================================================================= main
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, checked before any timing starts (bad input: an error naming it, exit 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", "--what", dest="section", default="step",
@@ -395,7 +396,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     what = [w.strip() for w in args.section.split(",") if w.strip()]
-    what = list(SECTIONS) if what == ["all"] else what
+    args.sections = what = list(SECTIONS) if what == ["all"] else what
     for w in what:
         if w not in SECTIONS:
             ap.error(f"unknown section {w!r}; allowed: {', '.join(SECTIONS)}, or all")
@@ -435,17 +436,21 @@ def main(argv=None):
             ap.error(str(e))
         if too_large:
             ap.error(f"patch {too_large[0]} in --grid is larger than the {args.img_size}-px image")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads} must be ≥ 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error(f"--threads {args.threads} must be ≥ 1")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-
     t0 = time.perf_counter()
     results = dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
                    cpu=platform.processor() or platform.machine(),
                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)
-    for w in what:
+    for w in args.sections:
         results[w] = SECTIONS[w](args, device)
     if args.compare_timm:
         results["timm"] = compare_timm(args, device)

@@ -165,7 +165,7 @@ def weight_decay_groups(module, exempt_1d, exempt_tokens=False):
     DINO (utils.get_params_groups) exempts biases and every 1-D parameter (norms), and decays
     the class token and position embedding: ``exempt_1d=True``. MoCo-v3 passes every
     parameter to AdamW with its weight decay, norms and biases included; SimCLR and the
-    multi-view method follow it: ``exempt_1d=False``. Fine-tuning (eval.py, DeiT / MAE) also
+    multi-view method follow it: ``exempt_1d=False``. Fine-tuning (protocols.py, DeiT / MAE) also
     exempts the class token and position embedding: ``exempt_tokens=True``.
     """
     decay, exempt = [], []
@@ -225,7 +225,7 @@ def build_training(run):
         raise BadRun(str(e)) from None
     run.loader = data.build_loader(run.view_set(run.colour_on), per_rank, run.sampler,
                                    num_workers=args.workers, pin_memory=run.device.type == "cuda")
-    val = build_dataset(args, "val", run.backbone.img_size,       # every rank: eval.knn_accuracy
+    val = build_dataset(args, "val", run.backbone.img_size,   # every rank: protocols.knn_accuracy
                         args.data_size and max(args.data_size // 4, 20))     # shares the work
     # A --knn-bank is drawn from the whole training split, so a run pretrained on --data-size
     # of it is measured against the same images as every other run of a comparison.

@@ -46,7 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import eval as evaluation
+import protocols
 from augment import to_model
 from checkpoint import BackgroundWriter, rng_state
 from cluster import PREEMPTED, PreemptionSignals, RunLock, signal_name
@@ -169,7 +169,7 @@ def evaluate(run, state, tag):
     (figures.py compares runs on both)."""
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):             # evaluation must not move the RNG
-        acc = evaluation.knn_accuracy(run.evaluated, *run.knn_sets, run.device,
+        acc = protocols.knn_accuracy(run.evaluated, *run.knn_sets, run.device,
                                       num_workers=run.args.workers)
     if run.master:
         print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(run.knn_sets[1])} val images, "

@@ -420,40 +420,40 @@ def _knn_model_and_sets():
 
 
 def knn_main(out_path):
-    """eval.knn_accuracy on this rank's shares; rank 0 writes the accuracy and the bank's
+    """protocols.knn_accuracy on this rank's shares; rank 0 writes the accuracy and the bank's
     features as every rank holds them after the gather."""
     import torch.distributed as dist
 
-    import eval as evaluation
+    import protocols
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     backbone, (bank, val) = _knn_model_and_sets()
     cpu = torch.device("cpu")
-    acc = evaluation.knn_accuracy(backbone, bank, val, cpu, batch_size=16, num_workers=1)
+    acc = protocols.knn_accuracy(backbone, bank, val, cpu, batch_size=16, num_workers=1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    feats, labels = evaluation.extract_features(
-        backbone, evaluation._loader(evaluation.shard(bank, rank, world, pad=True), 16), cpu)
-    feats, labels = evaluation.unshard(feats, len(bank)), evaluation.unshard(labels, len(bank))
+    feats, labels = protocols.extract_features(
+        backbone, protocols.feature_loader(protocols.shard(bank, rank, world, pad=True), 16), cpu)
+    feats, labels = protocols.unshard(feats, len(bank)), protocols.unshard(labels, len(bank))
     if rank == 0:
         torch.save(dict(acc=acc, feats=feats, labels=labels, share=len(
-            evaluation.shard(val, rank, world))), out_path)
+            protocols.shard(val, rank, world))), out_path)
     dist.destroy_process_group()
 
 
 def test_knn_over_two_processes_equals_one_process(tmp_path):
     """Each rank extracts its share of the bank and of the validation set (one loader worker
     each); the gathered bank is one process's, row for row, and the accuracy the same."""
-    import eval as evaluation
+    import protocols
     out = tmp_path / "knn.pt"
     finish(torchrun([os.path.abspath(__file__), "--knn", str(out)]))
     two = torch.load(out, weights_only=False)
     backbone, (bank, val) = _knn_model_and_sets()
     cpu = torch.device("cpu")
-    feats, labels = evaluation.extract_features(backbone, evaluation._loader(bank, 16), cpu)
+    feats, labels = protocols.extract_features(backbone, protocols.feature_loader(bank, 16), cpu)
     assert two["share"] == 19                                      # 37 images: 19 + 18
     assert torch.equal(two["labels"], labels)
     torch.testing.assert_close(two["feats"], feats, atol=1e-5, rtol=0)
-    assert two["acc"] == evaluation.knn_accuracy(backbone, bank, val, cpu, batch_size=16)
+    assert two["acc"] == protocols.knn_accuracy(backbone, bank, val, cpu, batch_size=16)
 
 
 def crash_main(step, argv, fault="die"):

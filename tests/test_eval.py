@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import eval as ev
+import protocols
 import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,12 +38,12 @@ def clusters(centres, n_per_class, spread, g):
 
 # ===================================================================================== k-NN
 def test_knn_equals_a_naive_weighted_vote(monkeypatch):
-    monkeypatch.setattr(ev, "KNN_CHUNK_ENTRIES", 1000)          # 8 test rows per chunk
+    monkeypatch.setattr(protocols, "KNN_CHUNK_ENTRIES", 1000)          # 8 test rows per chunk
     g = torch.Generator().manual_seed(0)
     train, test = torch.randn(120, 16, generator=g), torch.randn(40, 16, generator=g)
     labels = torch.randint(0, 5, (120,), generator=g)
     for k, T in ((1, 0.07), (7, 0.07), (20, 0.5)):
-        assert torch.equal(ev.knn_classify(train, labels, test, k, T, num_classes=5),
+        assert torch.equal(protocols.knn_classify(train, labels, test, k, T, num_classes=5),
                            naive_knn(train, labels, test, k, T, 5))
 
 
@@ -50,9 +51,9 @@ def test_knn_is_perfect_on_separated_clusters_and_chance_on_random_labels():
     g = torch.Generator().manual_seed(1)
     centres = 5 * torch.randn(6, 32, generator=g)
     (x, y), (xt, yt) = clusters(centres, 60, 0.5, g), clusters(centres, 20, 0.5, g)
-    assert (ev.knn_classify(x, y, xt) == yt).float().mean() == 1.0
+    assert (protocols.knn_classify(x, y, xt) == yt).float().mean() == 1.0
     noise, test = torch.randn(2000, 32, generator=g), torch.randn(1000, 32, generator=g)
-    acc = (ev.knn_classify(noise, torch.randint(0, 10, (2000,), generator=g), test)
+    acc = (protocols.knn_classify(noise, torch.randint(0, 10, (2000,), generator=g), test)
            == torch.randint(0, 10, (1000,), generator=g)).float().mean()
     assert 0.06 < acc < 0.14                          # chance = 0.10
 
@@ -69,23 +70,23 @@ def test_linear_probe_separates_linearly_separable_features_deterministically():
         return x, (x @ w).argmax(1)
 
     (x, y), (xv, yv) = separable(1000), separable(500)
-    acc = ev.linear_probe(x, y, xv, yv, epochs=10)             # lr from the held-out sweep
+    acc = protocols.linear_probe(x, y, xv, yv, epochs=10)             # lr from the held-out sweep
     assert acc > 95
-    lr, sweep = ev.select_probe_lr(x, y, epochs=10)
-    assert lr in ev.PROBE_LRS and set(sweep) == set(ev.PROBE_LRS)
-    assert ev.linear_probe(x, y, xv, yv, epochs=10, lr=lr) == acc   # same seed, same result
+    lr, sweep = protocols.select_probe_lr(x, y, epochs=10)
+    assert lr in protocols.PROBE_LRS and set(sweep) == set(protocols.PROBE_LRS)
+    assert protocols.linear_probe(x, y, xv, yv, epochs=10, lr=lr) == acc   # same seed, same result
 
 
 # ================================================================= features and fine-tuning
 def test_extract_features_is_the_eval_class_token_and_restores_the_training_flag():
     model = vit.ViT(**TINY).train()
     x, y = torch.randn(10, 3, 32, 32), torch.arange(10)
-    feats, labels = ev.extract_features(model, ev._loader(TensorDataset(x, y), 4), "cpu")
+    feats, labels = protocols.extract_features(model, protocols.feature_loader(TensorDataset(x, y), 4), "cpu")
     assert model.training and feats.dtype == torch.float32 and torch.equal(labels, y)
     with torch.no_grad():
         assert torch.allclose(feats, model.eval()(x), atol=1e-6)
     model.train()
-    assert ev.knn_accuracy(model, TensorDataset(x, y), TensorDataset(x, y), "cpu", k=1) == 100
+    assert protocols.knn_accuracy(model, TensorDataset(x, y), TensorDataset(x, y), "cpu", k=1) == 100
     assert model.training                 # each image's nearest neighbour is itself
 
 
@@ -95,7 +96,7 @@ def test_finetune_learns_an_easy_task_and_leaves_the_backbone_untouched():
     x = torch.randn(128, 3, 32, 32, generator=g) * 0.3 + (2 * y - 1).float()[:, None, None, None]
     backbone = vit.ViT(**TINY)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    acc = ev.finetune(backbone, TensorDataset(x, y), TensorDataset(x[:64], y[:64]), 2, "cpu",
+    acc = protocols.finetune(backbone, TensorDataset(x, y), TensorDataset(x[:64], y[:64]), 2, "cpu",
                       epochs=2, lr=1e-3, batch_size=32)
     assert acc > 90
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())

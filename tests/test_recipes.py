@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import augment  # noqa: E402
-import eval as evaluation  # noqa: E402
+from checkpoint import load_backbone  # noqa: E402
 import heads  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
@@ -88,7 +88,7 @@ def test_dino_run_freezes_the_last_layer_clips_and_evaluates_the_teacher(tmp_pat
     clips, evaluated = [], []
     clip = train.clip_gradients
     monkeypatch.setattr(train, "clip_gradients", lambda m, n: (clips.append(n), clip(m, n)))
-    monkeypatch.setattr(train.evaluation, "knn_accuracy", lambda net, *a, **k: (
+    monkeypatch.setattr(train.protocols, "knn_accuracy", lambda net, *a, **k: (
         evaluated.append({k: v.clone() for k, v in net.state_dict().items()}), 0.0)[1])
     out = str(tmp_path / "dino")
     train.main(["--method", "dino", "--budget", "3000", "--out", out, "--freeze-last-layer", "0.5",
@@ -114,7 +114,7 @@ def test_dino_run_freezes_the_last_layer_clips_and_evaluates_the_teacher(tmp_pat
     assert not torch.equal(teacher["blocks.0.attn.qkv.weight"],
                            vit.run_backbone(ckpt[100], "online")["blocks.0.attn.qkv.weight"])
     # eval.py reports the teacher of a DINO checkpoint by default, as DINO does
-    backbone, info = evaluation.load_backbone(os.path.join(out, "last.pt"))
+    backbone, info = load_backbone(os.path.join(out, "last.pt"))
     assert info["branch"] == "target"
     torch.testing.assert_close(backbone.state_dict()["norm.weight"], teacher["norm.weight"])
 
