@@ -137,7 +137,7 @@ def _datasets(args, backbone, info):
     return train_set, val_set, name, img_size
 
 
-def _protocols(args, backbone, train_set, val_set, num_classes, device):
+def _measure(args, backbone, train_set, val_set, num_classes, device):
     """Run the asked protocols: ({protocol: dict(top1=…, settings, seconds)}, "NN 41.3 | …")."""
     results, table = {}, []
     start = time.time()
@@ -197,7 +197,7 @@ def main(argv=None):
                    branch=info.get("branch", args.branch), config=info.get("config"), data=name,
                    img_size=img_size, n_train=len(train_set), n_val=len(val_set),
                    all_train=args.all_train)
-    measured, table = _protocols(args, backbone, train_set, val_set, num_classes, device)
+    measured, table = _measure(args, backbone, train_set, val_set, num_classes, device)
     results.update(measured)
     print(table)
     if args.out:

@@ -431,6 +431,7 @@ AUTO_VARIANTS = [
     ("auto, probes at 0/10/25/50/75/90 %", "autoat6", ["--auto-at", "0,0.1,0.25,0.5,0.75,0.9"]),
     ("auto, cheapest within 1.5× of the least CA-MSE", "autotol15", ["--auto-tolerance", "1.5"]),
 ]
+AUTO_NAMES = [name for _, name, _ in AUTO_VARIANTS]
 
 
 def fig_auto(args):
@@ -438,7 +439,7 @@ def fig_auto(args):
     charged to its budget): probe points, batches per probe, grid. Against the baseline of
     the same seed; the probes' cost beside each (default auto's runs are compare's)."""
     m, b, seeds = args.method, args.budget, args.seed_list
-    variants = [v for v in AUTO_VARIANTS if v[1] in args.variant_list]
+    variants = [v for v in AUTO_VARIANTS if v[1] in args.variants]
     groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
     for row, name, extra in variants:
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
@@ -479,9 +480,9 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half the training split)")
-    ap.add_argument("--variants", default=",".join(v[1] for v in AUTO_VARIANTS),
+    ap.add_argument("--variants", default=",".join(AUTO_NAMES),
                     help="auto: which of --accel auto's choices run, and the figure's table "
-                         "shows (default all: " + ", ".join(v[1] for v in AUTO_VARIANTS) + ")")
+                         f"shows (default all: {', '.join(AUTO_NAMES)})")
     ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")
@@ -503,11 +504,11 @@ def parse_args(argv=None):
     if not 1 <= args.constant_seeds <= len(args.seed_list):
         ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
                  f"(the number of --seeds)")
-    args.variant_list = args.variants.split(",")
-    unknown = sorted(set(args.variant_list) - {v[1] for v in AUTO_VARIANTS})
+    unknown = sorted(set(args.variants.split(",")) - set(AUTO_NAMES))
     if unknown:
         ap.error(f"--variants {args.variants!r}: unknown {', '.join(unknown)}; allowed: "
-                 + ", ".join(v[1] for v in AUTO_VARIANTS))
+                 f"{', '.join(AUTO_NAMES)}")
+    args.variants = args.variants.split(",")
     embedded = args.data == "embedded"
     args.dataset = os.path.basename(os.path.normpath(args.data_root)) \
         if args.data == "folder" and args.data_root else args.data

@@ -230,9 +230,10 @@ def best_strategy(result, tolerance=1.0):
     ``tolerance`` τ > 1, the cheapest strategy whose CA-MSE is at most τ times the least — a
     near-tie broken towards the fewer units per sample (--auto-tolerance)."""
     best = min(result["rows"], key=lambda r: r["ca_mse"])
+    if tolerance <= 1:
+        return best["strategy"]
     near = [r for r in result["rows"] if r["ca_mse"] <= tolerance * best["ca_mse"]] or [best]
-    return min(near, key=lambda r: (r["units"], r["ca_mse"]))["strategy"] if tolerance > 1 \
-        else best["strategy"]
+    return min(near, key=lambda r: (r["units"], r["ca_mse"]))["strategy"]
 
 
 def build_schedule(results):

@@ -170,7 +170,7 @@ def evaluate(run, state, tag):
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):             # evaluation must not move the RNG
         acc = protocols.knn_accuracy(run.evaluated, *run.knn_sets, run.device,
-                                      num_workers=run.args.workers)
+                                     num_workers=run.args.workers)
     if run.master:
         print(f"[{tag}] k-NN top-1 {acc:.1f} % (k=20, T=0.07, {len(run.knn_sets[1])} val images, "
               f"{len(run.knn_sets[0])} training images)", flush=True)
