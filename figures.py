@@ -20,7 +20,9 @@ Without ``--data`` the runs use the embedded dataset (minutes, a look at the mac
 (train.py's outputs, ``eval.json`` from eval.py, ``DONE.json`` with its command line). A figure
 asks for runs by name, budget and seed; a finished run with the same command line is reused,
 whichever figure made it, so figures share their baselines and a figure can be completed
-over several sittings (``--fresh`` re-runs). Each figure writes ``figs/<dataset>/<figure>_<method>/``:
+over several sittings (``--fresh`` re-runs). A run's record — everything but its checkpoints
+(``*.pt``, ignored by git) — is committed: a fresh clone reuses a finished, evaluated run from
+it; only an evaluation redone or the offline probes need the checkpoints again. Each figure writes ``figs/<dataset>/<figure>_<method>/``:
 ``results.json``, ``table.md`` (the table it prints) and PNGs when matplotlib is installed.
 
 **Seeds.** Baselines, schedules and ``auto`` run with every seed of ``--seeds`` (default
@@ -130,6 +132,11 @@ def evaluate(outs, args):
         with open(path) as f:
             return json.load(f).get("all_train", False) or not args.all_train
     todo = [o for o in outs if not done(o)]
+    gone = [o for o in todo if not os.path.isfile(os.path.join(o, "last.pt"))]
+    if gone:
+        raise SystemExit(f"error: {', '.join(gone)} must be evaluated (again) but the run's "
+                         "last.pt is not there (a committed record without its checkpoint): "
+                         "re-run it with --fresh")
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -230,6 +237,10 @@ def describe(args):
             f"(constants: {','.join(map(str, args.seed_list[:args.constant_seeds]))})")
 
 
+GROUP_HEADER = ["run", "seeds", "strategy (seed 0)", "steps", "NN %", "LP %", "train min",
+                "speed-up (units)", "speed-up (wall)"]
+
+
 def group_rows(args, groups, base_name="baseline"):
     """One table row per named group of runs ({name: [folders, seed by seed]}): strategy,
     steps, final NN and LP (eval.py), training minutes and the speed-up over the baseline of
@@ -245,14 +256,12 @@ def group_rows(args, groups, base_name="baseline"):
         rows.append((n, len(outs), " → ".join(rs[0]["strategies"]), rs[0]["steps"], spread(nn),
                      spread(lp), spread(minutes), spread([p[0] for p in pairs]) if pairs else "1",
                      spread([p[1] for p in pairs]) if pairs else "1"))
-        results[n] = dict(runs=outs, nn=summary(nn), lp=summary(lp), minutes=summary(minutes),
+        results[n] = dict(row=rows[-1], runs=outs, nn=summary(nn), lp=summary(lp), minutes=summary(minutes),
                           speedup_units=summary([p[0] for p in pairs]),
                           speedup_wall=summary([p[1] for p in pairs]),
                           curves=[r["curve"] for r in rs], strategies=rs[0]["strategies"],
                           probe_units=[r["probe_units"] for r in rs])
-    header = ["run", "seeds", "strategy (seed 0)", "steps", "NN %", "LP %", "train min",
-              "speed-up (units)", "speed-up (wall)"]
-    return table(header, rows), results, runs
+    return table(GROUP_HEADER, rows), results, runs
 
 
 # ========================================================================== figures
@@ -434,24 +443,41 @@ AUTO_VARIANTS = [
 AUTO_NAMES = [name for _, name, _ in AUTO_VARIANTS]
 
 
+def earlier_rows(args, results):
+    """The figure's rows from an earlier sitting (its results.json) that this one did not run,
+    kept when they were measured against the same baseline runs, in AUTO_VARIANTS' order."""
+    path = os.path.join(args.folder, "results.json")
+    if not os.path.isfile(path):
+        return results
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("baseline", {}).get("runs") != results["baseline"]["runs"]:
+        return results
+    order = ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]
+    merged = {n: results.get(n) or old.get(n) for n in order}
+    return {n: r for n, r in merged.items() if r is not None and "row" in r}
+
+
 def fig_auto(args):
     """§5 online: what each choice of --accel auto does at equal total compute (its probes
     charged to its budget): probe points, batches per probe, grid. Against the baseline of
-    the same seed; the probes' cost beside each (default auto's runs are compare's)."""
+    the same seed; the probes' cost beside each (default auto's runs are compare's). A sitting
+    that runs some of --variants keeps the others' rows of an earlier sitting (results.json)."""
     m, b, seeds = args.method, args.budget, args.seed_list
     variants = [v for v in AUTO_VARIANTS if v[1] in args.variants]
     groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
     for row, name, extra in variants:
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
     run_all([r for g in groups.values() for r in g], args)
-    text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
+    _, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
+    results = earlier_rows(args, results)
     budget = runs["baseline"][0]["budget"]
     costs = [f"* {row}: its probes spent "
-             f"{spread([u / budget * 100 for u in results[row]['probe_units']])} % of the budget"
-             for row, _, _ in variants]
+             f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget"
+             for row, r in results.items() if row != "baseline"]
     text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
-            f"to the budget; speed-up against the baseline of the same seed\n\n{text}\n\n"
-            + "\n".join(costs))
+            f"to the budget; speed-up against the baseline of the same seed\n\n"
+            + table(GROUP_HEADER, [r["row"] for r in results.values()]) + "\n\n" + "\n".join(costs))
     report(args.folder, text, results)
     plot_curves(args, results, f"{m}: --accel auto's choices ({args.dataset}, mean and range)")
 
@@ -481,8 +507,9 @@ def parse_args(argv=None):
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half the training split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
-                    help="auto: which of --accel auto's choices run, and the figure's table "
-                         f"shows (default all: {', '.join(AUTO_NAMES)})")
+                    help="auto: which of --accel auto's choices run (default all: "
+                         f"{', '.join(AUTO_NAMES)}); the table keeps the others' rows from an "
+                         "earlier sitting against the same baseline runs")
     ap.add_argument("--model", default="cpu", help="cost: the ViT preset timed")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed batches per setting (median)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (threads: cores / jobs)")

@@ -162,5 +162,27 @@ def test_the_views_figure_redoes_an_evaluation_made_without_all_train(tmp_path, 
         json.dump(dict(knn=dict(top1=5.0), linear=dict(top1=6.0)), f)
     compare, views = figures.parse_args(["compare"]), figures.parse_args(["views"])
     assert figures.evaluate([run], compare) == {run: (5.0, 6.0)} and not calls     # reused
+    with pytest.raises(SystemExit, match="run must be evaluated.*last.pt is not there"):
+        figures.evaluate([run], views)          # a committed record: no checkpoint to evaluate
+    assert not calls
+    open(os.path.join(run, "last.pt"), "w").close()
     assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and "--all-train" in calls[0]
     assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
+
+
+def test_the_auto_figure_keeps_an_earlier_sittings_rows_against_the_same_baseline(tmp_path):
+    args = figures.parse_args(["auto"])
+    args.folder = str(tmp_path)
+    row = lambda n: [n, 3, "none", 10, "1.0", "2.0", "3.0", "1", "1"]  # noqa: E731
+    earlier = {"baseline": dict(row=row("baseline"), runs=["b_s0"]),
+               "auto (default)": dict(row=row("auto (default)"), runs=["a_s0"]),
+               "auto, 8 batches a probe": dict(row=row("old b8"), runs=["b8_s0"])}
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump(earlier, f)
+    now = {"baseline": dict(row=row("baseline"), runs=["b_s0"]),
+           "auto, 8 batches a probe": dict(row=row("new b8"), runs=["b8_s0"])}
+    merged = figures.earlier_rows(args, now)
+    assert list(merged) == ["baseline", "auto (default)", "auto, 8 batches a probe"]
+    assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"       # this sitting's wins
+    other = {"baseline": dict(row=row("baseline"), runs=["b_1M_s0"])}    # another budget
+    assert figures.earlier_rows(args, other) == other
