@@ -445,17 +445,30 @@ AUTO_NAMES = [name for _, name, _ in AUTO_VARIANTS]
 
 def earlier_rows(args, results):
     """The figure's rows from an earlier sitting (its results.json) that this one did not run,
-    kept when they were measured against the same baseline runs, in AUTO_VARIANTS' order."""
+    kept when measured against baseline runs of the same names, in AUTO_VARIANTS' order; marked
+    † with a note when those baselines were re-run since (the same seeds, a float-level
+    difference grown over training: the rows' speed-ups are against the earlier ones)."""
     path = os.path.join(args.folder, "results.json")
     if not os.path.isfile(path):
-        return results
+        return results, ""
     with open(path) as f:
         old = json.load(f)
-    if old.get("baseline", {}).get("runs") != results["baseline"]["runs"]:
-        return results
-    order = ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]
-    merged = {n: results.get(n) or old.get(n) for n in order}
-    return {n: r for n, r in merged.items() if r is not None and "row" in r}
+    base = old.get("baseline", {})
+    if base.get("runs") != results["baseline"]["runs"]:
+        return results, ""
+    rerun = base["nn"]["values"] != results["baseline"]["nn"]["values"]
+    merged = {}
+    for n in ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]:
+        r = results.get(n) or old.get(n)
+        if r is None or "row" not in r:
+            continue
+        if rerun and n not in results:
+            r = dict(r, row=[f"{r['row'][0]} †", *r["row"][1:]])
+        merged[n] = r
+    marked = any(n not in results for n in merged)
+    note = (f"\n† an earlier sitting's runs, their speed-ups against its baseline runs (the same "
+            f"seeds; NN {spread(base['nn']['values'])}), re-run since" if rerun and marked else "")
+    return merged, note
 
 
 def fig_auto(args):
@@ -470,14 +483,15 @@ def fig_auto(args):
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
     run_all([r for g in groups.values() for r in g], args)
     _, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
-    results = earlier_rows(args, results)
+    results, note = earlier_rows(args, results)
     budget = runs["baseline"][0]["budget"]
     costs = [f"* {row}: its probes spent "
              f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget"
              for row, r in results.items() if row != "baseline"]
     text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
             f"to the budget; speed-up against the baseline of the same seed\n\n"
-            + table(GROUP_HEADER, [r["row"] for r in results.values()]) + "\n\n" + "\n".join(costs))
+            + table(GROUP_HEADER, [r["row"] for r in results.values()]) + note + "\n\n"
+            + "\n".join(costs))
     report(args.folder, text, results)
     plot_curves(args, results, f"{m}: --accel auto's choices ({args.dataset}, mean and range)")
 

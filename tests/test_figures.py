@@ -174,15 +174,21 @@ def test_the_auto_figure_keeps_an_earlier_sittings_rows_against_the_same_baselin
     args = figures.parse_args(["auto"])
     args.folder = str(tmp_path)
     row = lambda n: [n, 3, "none", 10, "1.0", "2.0", "3.0", "1", "1"]  # noqa: E731
-    earlier = {"baseline": dict(row=row("baseline"), runs=["b_s0"]),
+    nn = lambda v: dict(values=[v])                                      # noqa: E731
+    earlier = {"baseline": dict(row=row("baseline"), runs=["b_s0"], nn=nn(47.0)),
                "auto (default)": dict(row=row("auto (default)"), runs=["a_s0"]),
                "auto, 8 batches a probe": dict(row=row("old b8"), runs=["b8_s0"])}
     with open(tmp_path / "results.json", "w") as f:
         json.dump(earlier, f)
-    now = {"baseline": dict(row=row("baseline"), runs=["b_s0"]),
+    now = {"baseline": dict(row=row("baseline"), runs=["b_s0"], nn=nn(47.0)),
            "auto, 8 batches a probe": dict(row=row("new b8"), runs=["b8_s0"])}
-    merged = figures.earlier_rows(args, now)
+    merged, note = figures.earlier_rows(args, now)
     assert list(merged) == ["baseline", "auto (default)", "auto, 8 batches a probe"]
     assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"       # this sitting's wins
-    other = {"baseline": dict(row=row("baseline"), runs=["b_1M_s0"])}    # another budget
-    assert figures.earlier_rows(args, other) == other
+    assert merged["auto (default)"]["row"][0] == "auto (default)" and note == ""
+    now["baseline"]["nn"] = nn(46.5)                     # the baseline re-run since: marked
+    merged, note = figures.earlier_rows(args, now)
+    assert merged["auto (default)"]["row"][0] == "auto (default) †" and "47.0" in note
+    assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"
+    other = {"baseline": dict(row=row("baseline"), runs=["b_1M_s0"], nn=nn(47.0))}
+    assert figures.earlier_rows(args, other) == (other, "")              # another budget
