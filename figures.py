@@ -12,6 +12,7 @@ equally.
     python figures.py compare --method moco $D      # Figs. 4, 8, 1: probes, schedules, speed-up
     python figures.py decay --method simclr $D      # Figs. 5/6: cosine vs polynomial decay
     python figures.py views $D                      # second paper: views × data, × compression
+    python figures.py views $D --full-size 4500     # the same where data is scarce (10 %)
     python figures.py auto --method simclr $D       # §5: --accel auto's probe points, batches, grid
 
 Without ``--data`` the runs use the embedded dataset (minutes, a look at the machinery only).
@@ -410,20 +411,25 @@ def half_the_images(args):
 def fig_views(args):
     """The second paper's claims at equal budget: M = 4 views on half the training images
     against M = 2 on all of them (more views, less data), and 4 views at drop 0.5 against 2
-    full views (views × compression), with its multi-view loss."""
-    b, seeds, half = args.budget, args.seed_list, str(args.half_size or half_the_images(args))
+    full views (views × compression), with its multi-view loss. ``--full-size N``: "all" is N
+    evenly spaced images of the split (the data-scarce regime), half N / 2; the runs' names
+    and the figure's folder carry the N."""
+    b, seeds, full = args.budget, args.seed_list, args.full_size
+    half = str(args.half_size or (full // 2 if full else half_the_images(args)))
+    size, n = (["--data-size", str(full)], f"_n{full}") if full else ([], "")
     groups = {
-        "2 views, all images": [spec(args, "multiview", "v2", b, s) for s in seeds],
-        "4 views, half the images": [spec(args, "multiview", "v4half", b, s, "--views", "4",
+        "2 views, all images": [spec(args, "multiview", "v2" + n, b, s, *size) for s in seeds],
+        "4 views, half the images": [spec(args, "multiview", "v4half" + n, b, s, "--views", "4",
                                           "--data-size", half) for s in seeds],
-        "2 views, half the images": [spec(args, "multiview", "v2half", b, s, "--data-size", half)
-                                     for s in seeds],
-        "4 views at drop 0.5": [spec(args, "multiview", "v4drop", b, s, "--views", "4",
-                                     "--accel", "qk:drop=0.5") for s in seeds]}
+        "2 views, half the images": [spec(args, "multiview", "v2half" + n, b, s, "--data-size",
+                                          half) for s in seeds],
+        "4 views at drop 0.5": [spec(args, "multiview", "v4drop" + n, b, s, *size, "--views",
+                                     "4", "--accel", "qk:drop=0.5") for s in seeds]}
     run_all([r for g in groups.values() for r in g], args)
     text, results, _ = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()},
                                   base_name="2 views, all images")
-    text = (f"multi-view loss, budget {b} units ({describe(args)}; half = {half} images): "
+    text = (f"multi-view loss, budget {b} units ({describe(args)}; all = "
+            f"{full or 'the training split'}, half = {half} images): "
             "speed-up against 2 views on all images of the same seed\n\n" + text)
     report(args.folder, text, results)
     plot_curves(args, results, f"multi-view loss: k-NN vs budget and training time "
@@ -518,8 +524,11 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default="0,1,2", help="seeds of baselines, schedules and auto")
     ap.add_argument("--constant-seeds", type=int, default=1,
                     help="how many of --seeds the constant strategies run with")
+    ap.add_argument("--full-size", type=int, default=None,
+                    help="views: 'all the images' (default: the training split; fewer: the "
+                         "data-scarce regime, written to figs/<dataset>/views_n<N>/)")
     ap.add_argument("--half-size", type=int, default=None,
-                    help="views: 'half the images' (default: half the training split)")
+                    help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
                     help="auto: which of --accel auto's choices run (default all: "
                          f"{', '.join(AUTO_NAMES)}); the table keeps the others' rows from an "
@@ -545,6 +554,11 @@ def parse_args(argv=None):
     if not 1 <= args.constant_seeds <= len(args.seed_list):
         ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
                  f"(the number of --seeds)")
+    if args.full_size is not None and args.full_size < 2:
+        ap.error(f"--full-size {args.full_size} must be ≥ 2 images (half of it is a group)")
+    if args.half_size is not None and not 1 <= args.half_size < (args.full_size or float("inf")):
+        ap.error(f"--half-size {args.half_size} must be ≥ 1"
+                 + (f" and below --full-size {args.full_size}" if args.full_size else ""))
     unknown = sorted(set(args.variants.split(",")) - set(AUTO_NAMES))
     if unknown:
         ap.error(f"--variants {args.variants!r}: unknown {', '.join(unknown)}; allowed: "
@@ -565,7 +579,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    suffix = "" if args.figure == "views" else f"_{args.method}"
+    suffix = f"_{args.method}" if args.figure != "views" else \
+        f"_n{args.full_size}" if args.full_size else ""
     args.folder = os.path.join(args.out, args.dataset, args.figure + suffix)
     os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()

@@ -112,6 +112,27 @@ def test_the_auto_figure_runs_only_the_chosen_variants(tmp_path, monkeypatch, ca
     assert ran[-1][1][-4:] == ["--accel", "auto", "--auto-batches", "8"]
 
 
+def test_the_views_figure_in_the_data_scarce_regime_names_its_size(tmp_path, monkeypatch,
+                                                                   capsys):
+    for bad in (["--full-size", "1"], ["--full-size", "100", "--half-size", "100"]):
+        with pytest.raises(SystemExit):
+            figures.parse_args(["views", *bad])
+        assert "must be" in capsys.readouterr().err
+    args = figures.parse_args(["views", "--full-size", "1000", "--seeds", "0",
+                               "--out", str(tmp_path)])
+    ran = []
+
+    def stop(runs, _):
+        ran.extend(runs)
+        raise StopIteration
+    monkeypatch.setattr(figures, "run_all", stop)
+    with pytest.raises(StopIteration):
+        figures.fig_views(args)
+    size = {os.path.basename(o): argv[argv.index("--data-size") + 1] for o, argv in ran}
+    assert size == {"v2_n1000_200k_s0": "1000", "v4half_n1000_200k_s0": "500",
+                    "v2half_n1000_200k_s0": "500", "v4drop_n1000_200k_s0": "1000"}
+
+
 def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(figures.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
