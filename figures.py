@@ -302,21 +302,39 @@ def fig_cost(args):
 def by_budget(args, variants, seeds):
     """Each (name, extra flags) of ``variants`` at each budget of --budgets, with ``seeds``,
     the first variant the reference; → (table rows, results) with final NN, LP and the NN
-    gain over the reference of the same budget and seed."""
+    gain over the reference of the same budget and seed. An earlier sitting's rows at budgets
+    not run now (the figure's results.json) are kept, so budgets can be added one at a time."""
     groups = {(name, b): [spec(args, args.method, name, b, s, *extra) for s in seeds]
               for b in args.budgets.split(",") for name, extra in variants}
     run_all([r for g in groups.values() for r in g], args)
     evals = evaluate([o for g in groups.values() for o, _ in g], args)
     reference = variants[0][0]
-    rows, results = [], {}
+    results = {}
     for (name, b), g in groups.items():
         nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
         delta = [x - evals[o][0] for x, (o, _) in zip(nn, groups[reference, b])]
-        rows.append((b, name, read_run(g[0][0])["steps"], spread(nn), spread(lp),
-                     "" if name == reference else spread(delta)))
-        results[f"{name} {b}"] = dict(nn=summary(nn), lp=summary(lp),
+        row = (b, name, len(g), read_run(g[0][0])["steps"], spread(nn), spread(lp),
+               "" if name == reference else spread(delta))
+        results[f"{name} {b}"] = dict(row=row, nn=summary(nn), lp=summary(lp),
                                       nn_minus_reference=summary(delta))
-    return rows, results
+    results = earlier_budgets(args, results, [name for name, _ in variants])
+    return [r["row"] for r in results.values()], results
+
+
+def earlier_budgets(args, results, names):
+    """``results`` ({"<name> <budget>": ...}) with the figure's earlier entries at other budgets,
+    ordered by budget, then as ``names``."""
+    import options
+    path = os.path.join(args.folder, "results.json")
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    now = set(args.budgets.split(","))
+    merged = {**{k: v for k, v in old.items() if k.split()[-1] not in now and "row" in v
+                 and k.split()[0] in names}, **results}
+    key = lambda k: (options.parse_units(k.split()[-1]), names.index(k.split()[0]))  # noqa: E731
+    return {k: merged[k] for k in sorted(merged, key=key)}
 
 
 def fig_constant(args):
@@ -327,7 +345,7 @@ def fig_constant(args):
                               args.seed_list[:args.constant_seeds])
     text = (f"{args.method}: constant strategies ({DROP}, {PATCH}) against the baseline at "
             f"equal budgets ({describe(args)})\n\n"
-            + table(["budget", "run", "steps", "NN %", "LP %", "NN − baseline"], rows))
+            + table(["budget", "run", "seeds", "steps", "NN %", "LP %", "NN − baseline"], rows))
     report(args.folder, text, results)
 
 
@@ -398,7 +416,7 @@ def fig_decay(args):
     text = (f"{args.method}: learning-rate decay after warm-up, cosine (baseline) against "
             f"polynomial (poly), at equal budgets ({describe(args)}; the same seed pairs each "
             "difference)\n\n"
-            + table(["budget", "decay", "steps", "NN %", "LP %", "NN − cosine"], rows))
+            + table(["budget", "decay", "seeds", "steps", "NN %", "LP %", "NN − cosine"], rows))
     report(args.folder, text, results)
 
 

@@ -213,3 +213,20 @@ def test_the_auto_figure_keeps_an_earlier_sittings_rows_against_the_same_baselin
     assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"
     other = {"baseline": dict(row=row("baseline"), runs=["b_1M_s0"], nn=nn(47.0))}
     assert figures.earlier_rows(args, other) == (other, "")              # another budget
+
+
+def test_a_budget_figure_keeps_an_earlier_sittings_other_budgets_in_budget_order(tmp_path):
+    args = figures.parse_args(["constant", "--budgets", "500k", "--out", str(tmp_path)])
+    args.folder = str(tmp_path)
+    entry = lambda b, n, nn: dict(row=[b, n, 1, 10, nn, "", ""])  # noqa: E731
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump({"baseline 1M": entry("1M", "baseline", "old"),
+                   "baseline 500k": entry("500k", "baseline", "old"),
+                   "baseline 125k": entry("125k", "baseline", "old"),
+                   "patch 125k": entry("125k", "patch", "old")}, f)
+    now = {"patch 500k": entry("500k", "patch", "new"),
+           "baseline 500k": entry("500k", "baseline", "new")}
+    merged = figures.earlier_budgets(args, now, ["baseline", "drop", "patch"])
+    assert list(merged) == ["baseline 125k", "patch 125k", "baseline 500k", "patch 500k",
+                            "baseline 1M"]
+    assert merged["baseline 500k"]["row"][4] == "new"             # this sitting's budget wins
