@@ -23,8 +23,9 @@ asks for runs by name, budget and seed; a finished run with the same command lin
 whichever figure made it, so figures share their baselines and a figure can be completed
 over several sittings (``--fresh`` re-runs). A run's record — everything but its checkpoints
 (``*.pt``, ignored by git) — is committed: a fresh clone reuses a finished, evaluated run from
-it; only an evaluation redone or the offline probes need the checkpoints again. Each figure writes ``figs/<dataset>/<figure>_<method>/``:
-``results.json``, ``table.md`` (the table it prints) and PNGs when matplotlib is installed.
+it; only an evaluation redone or the offline probes need the checkpoints again. Each figure
+writes ``figs/<dataset>/<figure>_<method>/``: ``results.json``, ``table.md`` (the table it
+prints) and PNGs when matplotlib is installed.
 
 **Seeds.** Baselines, schedules and ``auto`` run with every seed of ``--seeds`` (default
 0,1,2); the constant strategies with the first ``--constant-seeds`` of them (default 1).
@@ -257,8 +258,8 @@ def group_rows(args, groups, base_name="baseline"):
         rows.append((n, len(outs), " → ".join(rs[0]["strategies"]), rs[0]["steps"], spread(nn),
                      spread(lp), spread(minutes), spread([p[0] for p in pairs]) if pairs else "1",
                      spread([p[1] for p in pairs]) if pairs else "1"))
-        results[n] = dict(row=rows[-1], runs=outs, nn=summary(nn), lp=summary(lp), minutes=summary(minutes),
-                          speedup_units=summary([p[0] for p in pairs]),
+        results[n] = dict(row=rows[-1], runs=outs, nn=summary(nn), lp=summary(lp),
+                          minutes=summary(minutes), speedup_units=summary([p[0] for p in pairs]),
                           speedup_wall=summary([p[1] for p in pairs]),
                           curves=[r["curve"] for r in rs], strategies=rs[0]["strategies"],
                           probe_units=[r["probe_units"] for r in rs])
