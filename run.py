@@ -225,12 +225,13 @@ def build_training(run):
         raise BadRun(str(e)) from None
     run.loader = data.build_loader(run.view_set(run.colour_on), per_rank, run.sampler,
                                    num_workers=args.workers, pin_memory=run.device.type == "cuda")
-    val = build_dataset(args, "val", run.backbone.img_size,   # every rank: protocols.knn_accuracy
-                        args.data_size and max(args.data_size // 4, 20))     # shares the work
-    # A --knn-bank is drawn from the whole training split, so a run pretrained on --data-size
-    # of it is measured against the same images as every other run of a comparison.
-    bank = build_dataset(args, "train", run.backbone.img_size, None) if args.knn_bank and \
-        args.data_size else run.train_base
+    # With a --knn-bank, the bank and the validation images come from the whole splits, so a
+    # run pretrained on --data-size of the training split is measured on the same images as
+    # every other run of a comparison; without one (quick runs), a quarter as many val images.
+    whole = bool(args.knn_bank and args.data_size)
+    val_size = max(args.data_size // 4, 20) if args.data_size and not whole else None
+    val = build_dataset(args, "val", run.backbone.img_size, val_size)  # every rank: knn_accuracy
+    bank = build_dataset(args, "train", run.backbone.img_size, None) if whole else run.train_base
     run.knn_sets = (data.EvalDataset(bank, run.backbone.img_size, subset=args.knn_bank),
                     data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)

@@ -261,8 +261,9 @@ def test_training_reads_a_decode_once_cache_and_names_a_missing_one(tmp_path, ru
 
 
 def test_a_knn_bank_is_the_same_images_for_a_run_pretrained_on_part_of_the_data():
-    """--knn-bank draws from the whole training split: a --data-size run's curve is measured
-    against the same images as a full run's (figures.py compares their curves)."""
+    """--knn-bank draws from the whole training split, and the validation images are then the
+    whole split's too: a --data-size run's curve is measured on the same images as a full
+    run's (figures.py compares their curves)."""
     from options import get_args
     from run import build_run
     sets = {}
@@ -273,6 +274,7 @@ def test_a_knn_bank_is_the_same_images_for_a_run_pretrained_on_part_of_the_data(
     full, part = sets[False], sets[True]
     assert len(part.train_base) == 300 < len(full.train_base)
     assert part.knn_sets[0].index == full.knn_sets[0].index and len(part.knn_sets[0]) == 64
+    assert len(part.knn_sets[1]) == len(full.knn_sets[1])                      # all val images
     for i in (0, 31, 63):
         (a, la), (b, lb) = full.knn_sets[0][i], part.knn_sets[0][i]
         assert torch.equal(a, b) and la == lb
