@@ -24,8 +24,8 @@ whichever figure made it, so figures share their baselines and a figure can be c
 over several sittings (``--fresh`` re-runs). A run's record — everything but its checkpoints
 (``*.pt``, ignored by git) — is committed: a fresh clone reuses a finished, evaluated run from
 it; only an evaluation redone or the offline probes need the checkpoints again. Each figure
-writes ``figs/<dataset>/<figure>_<method>/``: ``results.json``, ``table.md`` (the table it
-prints) and PNGs when matplotlib is installed.
+writes ``figs/<dataset>/<figure>_<method>/`` (views: ``views/``, ``views_n<N>/``):
+``results.json``, ``table.md`` (the table it prints) and PNGs when matplotlib is installed.
 
 **Seeds.** Baselines, schedules and ``auto`` run with every seed of ``--seeds`` (default
 0,1,2); the constant strategies with the first ``--constant-seeds`` of them (default 1).
@@ -138,7 +138,7 @@ def evaluate(outs, args):
     if gone:
         raise SystemExit(f"error: {', '.join(gone)} must be evaluated (again) but the run's "
                          "last.pt is not there (a committed record without its checkpoint): "
-                         "re-run it with --fresh")
+                         "delete its DONE.json to re-run that run alone")
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -316,26 +316,26 @@ def by_budget(args, variants, seeds):
         delta = [x - evals[o][0] for x, (o, _) in zip(nn, groups[reference, b])]
         row = (b, name, len(g), read_run(g[0][0])["steps"], spread(nn), spread(lp),
                "" if name == reference else spread(delta))
-        results[f"{name} {b}"] = dict(row=row, nn=summary(nn), lp=summary(lp),
-                                      nn_minus_reference=summary(delta))
+        results[f"{name} {b}"] = dict(row=row, runs=[o for o, _ in g], nn=summary(nn),
+                                      lp=summary(lp), nn_minus_reference=summary(delta))
     results = earlier_budgets(args, results, [name for name, _ in variants])
     return [r["row"] for r in results.values()], results
 
 
 def earlier_budgets(args, results, names):
-    """``results`` ({"<name> <budget>": ...}) with the figure's earlier entries at other budgets,
-    ordered by budget, then as ``names``."""
+    """``results`` ({"<name> <budget>": ...}) with the figure's earlier entries of ``names`` at
+    budgets not run now, ordered by budget in units, then as ``names``."""
     import options
-    path = os.path.join(args.folder, "results.json")
-    old = {}
+    path, old = os.path.join(args.folder, "results.json"), {}
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-    now = set(args.budgets.split(","))
-    merged = {**{k: v for k, v in old.items() if k.split()[-1] not in now and "row" in v
+    units = lambda key: options.parse_units(key.split()[-1])  # noqa: E731
+    now = {options.parse_units(b) for b in args.budgets.split(",")}
+    merged = {**{k: v for k, v in old.items() if units(k) not in now and "row" in v
                  and k.split()[0] in names}, **results}
-    key = lambda k: (options.parse_units(k.split()[-1]), names.index(k.split()[0]))  # noqa: E731
-    return {k: merged[k] for k in sorted(merged, key=key)}
+    return {k: merged[k] for k in sorted(merged, key=lambda k: (units(k),
+                                                                names.index(k.split()[0])))}
 
 
 def fig_constant(args):
@@ -421,10 +421,10 @@ def fig_decay(args):
     report(args.folder, text, results)
 
 
-def half_the_images(args):
-    """Half the training split of --data (22,500 of CIFAR-10's 45,000; 4,000 embedded)."""
+def training_images(args):
+    """The images of --data's training split (CIFAR-10's 45,000; 8,000 embedded)."""
     import data
-    return len(data.build_dataset(args.data, args.data_root, "train", download=args.download)) // 2
+    return len(data.build_dataset(args.data, args.data_root, "train", download=args.download))
 
 
 def fig_views(args):
@@ -433,8 +433,11 @@ def fig_views(args):
     full views (views × compression), with its multi-view loss. ``--full-size N``: "all" is N
     evenly spaced images of the split (the data-scarce regime), half N / 2; the runs' names
     and the figure's folder carry the N."""
-    b, seeds, full = args.budget, args.seed_list, args.full_size
-    half = str(args.half_size or (full // 2 if full else half_the_images(args)))
+    b, seeds, full, split = args.budget, args.seed_list, args.full_size, training_images(args)
+    if full and full >= split:
+        raise SystemExit(f"error: --full-size {full} must be below the {split} training images "
+                         f"of --data {args.data}")
+    half = str(args.half_size or (full or split) // 2)
     size, n = (["--data-size", str(full)], f"_n{full}") if full else ([], "")
     groups = {
         "2 views, all images": [spec(args, "multiview", "v2" + n, b, s, *size) for s in seeds],
@@ -469,31 +472,39 @@ AUTO_NAMES = [name for _, name, _ in AUTO_VARIANTS]
 
 
 def earlier_rows(args, results):
-    """The figure's rows from an earlier sitting (its results.json) that this one did not run,
-    kept when measured against baseline runs of the same names, in AUTO_VARIANTS' order; marked
-    † with a note when those baselines were re-run since (the same seeds, a float-level
-    difference grown over training: the rows' speed-ups are against the earlier ones)."""
-    path = os.path.join(args.folder, "results.json")
-    if not os.path.isfile(path):
-        return results, ""
-    with open(path) as f:
-        old = json.load(f)
-    base = old.get("baseline", {})
-    if base.get("runs") != results["baseline"]["runs"]:
-        return results, ""
-    rerun = base["nn"]["values"] != results["baseline"]["nn"]["values"]
+    """``results`` with the rows of an earlier sitting (the figure's results.json) that this one
+    did not run, kept when measured against baseline runs of the same names, in AUTO_VARIANTS'
+    order. Every entry keeps the baseline NN it was measured against (``baseline_nn``)."""
+    path, old = os.path.join(args.folder, "results.json"), {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    base = results["baseline"]["nn"]["values"]
+    for r in results.values():
+        r["baseline_nn"] = base
+    if old.get("baseline", {}).get("runs") != results["baseline"]["runs"]:
+        return results
     merged = {}
     for n in ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]:
         r = results.get(n) or old.get(n)
-        if r is None or "row" not in r:
-            continue
-        if rerun and n not in results:
-            r = dict(r, row=[f"{r['row'][0]} †", *r["row"][1:]])
-        merged[n] = r
-    marked = any(n not in results for n in merged)
-    note = (f"\n† an earlier sitting's runs, their speed-ups against its baseline runs (the same "
-            f"seeds; NN {spread(base['nn']['values'])}), re-run since" if rerun and marked else "")
-    return merged, note
+        if r is not None and "row" in r:
+            merged[n] = dict(r, baseline_nn=r.get("baseline_nn", old["baseline"]["nn"]["values"]))
+    return merged
+
+
+def marked_rows(results):
+    """The table's rows; a row measured against other baseline NN values than this table's
+    (its baselines re-run since: the same seeds, a float-level difference grown over training)
+    is marked †, and a note gives those values."""
+    base, rows, notes = results["baseline"]["nn"]["values"], [], []
+    for r in results.values():
+        against = r.get("baseline_nn", base)
+        rows.append(r["row"] if against == base else [f"{r['row'][0]} †", *r["row"][1:]])
+        note = (f"\n† measured against an earlier sitting's baseline runs of the same seeds "
+                f"(NN {spread(against)}), re-run since")
+        if against != base and note not in notes:
+            notes.append(note)
+    return rows, "".join(notes)
 
 
 def fig_auto(args):
@@ -508,14 +519,15 @@ def fig_auto(args):
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
     run_all([r for g in groups.values() for r in g], args)
     _, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
-    results, note = earlier_rows(args, results)
+    results = earlier_rows(args, results)
+    rows, note = marked_rows(results)
     budget = runs["baseline"][0]["budget"]
     costs = [f"* {row}: its probes spent "
              f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget"
              for row, r in results.items() if row != "baseline"]
     text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
             f"to the budget; speed-up against the baseline of the same seed\n\n"
-            + table(GROUP_HEADER, [r["row"] for r in results.values()]) + note + "\n\n"
+            + table(GROUP_HEADER, rows) + note + "\n\n"
             + "\n".join(costs))
     report(args.folder, text, results)
     plot_curves(args, results, f"{m}: --accel auto's choices ({args.dataset}, mean and range)")
@@ -545,7 +557,7 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--full-size", type=int, default=None,
                     help="views: 'all the images' (default: the training split; fewer: the "
-                         "data-scarce regime, written to figs/<dataset>/views_n<N>/)")
+                         "data-scarce regime, written to <out>/<dataset>/views_n<N>/)")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),

@@ -114,12 +114,13 @@ def test_the_auto_figure_runs_only_the_chosen_variants(tmp_path, monkeypatch, ca
 
 def test_the_views_figure_in_the_data_scarce_regime_names_its_size(tmp_path, monkeypatch,
                                                                    capsys):
-    for bad in (["--full-size", "1"], ["--full-size", "100", "--half-size", "100"]):
+    for bad, said in ((["--full-size", "1"], "--full-size 1 must be"),
+                      (["--full-size", "100", "--half-size", "100"], "--half-size 100 must be")):
         with pytest.raises(SystemExit):
             figures.parse_args(["views", *bad])
-        assert "must be" in capsys.readouterr().err
-    args = figures.parse_args(["views", "--full-size", "1000", "--seeds", "0",
-                               "--out", str(tmp_path)])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--full-size 8000 must be below the 8000 training"):
+        figures.main(["views", "--full-size", "8000", "--out", str(tmp_path)])
     ran = []
 
     def stop(runs, _):
@@ -127,7 +128,8 @@ def test_the_views_figure_in_the_data_scarce_regime_names_its_size(tmp_path, mon
         raise StopIteration
     monkeypatch.setattr(figures, "run_all", stop)
     with pytest.raises(StopIteration):
-        figures.fig_views(args)
+        figures.main(["views", "--full-size", "1000", "--seeds", "0", "--out", str(tmp_path)])
+    assert os.path.isdir(tmp_path / "embedded" / "views_n1000")
     size = {os.path.basename(o): argv[argv.index("--data-size") + 1] for o, argv in ran}
     assert size == {"v2_n1000_200k_s0": "1000", "v4half_n1000_200k_s0": "500",
                     "v2half_n1000_200k_s0": "500", "v4drop_n1000_200k_s0": "1000"}
@@ -191,28 +193,34 @@ def test_the_views_figure_redoes_an_evaluation_made_without_all_train(tmp_path, 
     assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
 
 
-def test_the_auto_figure_keeps_an_earlier_sittings_rows_against_the_same_baseline(tmp_path):
+def test_the_auto_figure_keeps_an_earlier_sittings_rows_and_marks_those_of_rerun_baselines(
+        tmp_path):
     args = figures.parse_args(["auto"])
     args.folder = str(tmp_path)
     row = lambda n: [n, 3, "none", 10, "1.0", "2.0", "3.0", "1", "1"]  # noqa: E731
-    nn = lambda v: dict(values=[v])                                      # noqa: E731
-    earlier = {"baseline": dict(row=row("baseline"), runs=["b_s0"], nn=nn(47.0)),
-               "auto (default)": dict(row=row("auto (default)"), runs=["a_s0"]),
-               "auto, 8 batches a probe": dict(row=row("old b8"), runs=["b8_s0"])}
-    with open(tmp_path / "results.json", "w") as f:
-        json.dump(earlier, f)
-    now = {"baseline": dict(row=row("baseline"), runs=["b_s0"], nn=nn(47.0)),
-           "auto, 8 batches a probe": dict(row=row("new b8"), runs=["b8_s0"])}
-    merged, note = figures.earlier_rows(args, now)
+    entry = lambda n, nn=None: dict(row=row(n), runs=[n], nn=dict(values=[nn]))  # noqa: E731
+
+    def sitting(now):                       # one sitting: merge, write results.json, render
+        merged = figures.earlier_rows(args, now)
+        with open(tmp_path / "results.json", "w") as f:
+            json.dump(merged, f)
+        return merged, figures.marked_rows(merged)
+    base = lambda nn: dict(entry("baseline", nn), runs=["b_s0"])  # noqa: E731
+    sitting({"baseline": base(47.0), "auto (default)": entry("auto (default)"),
+             "auto, 8 batches a probe": entry("old b8")})
+    merged, (rows, note) = sitting({"baseline": base(47.0),
+                                    "auto, 8 batches a probe": entry("new b8")})
     assert list(merged) == ["baseline", "auto (default)", "auto, 8 batches a probe"]
-    assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"       # this sitting's wins
-    assert merged["auto (default)"]["row"][0] == "auto (default)" and note == ""
-    now["baseline"]["nn"] = nn(46.5)                     # the baseline re-run since: marked
-    merged, note = figures.earlier_rows(args, now)
-    assert merged["auto (default)"]["row"][0] == "auto (default) †" and "47.0" in note
-    assert merged["auto, 8 batches a probe"]["row"][0] == "new b8"
-    other = {"baseline": dict(row=row("baseline"), runs=["b_1M_s0"], nn=nn(47.0))}
-    assert figures.earlier_rows(args, other) == (other, "")              # another budget
+    assert [r[0] for r in rows] == ["baseline", "auto (default)", "new b8"] and note == ""
+    merged, (rows, note) = sitting({"baseline": base(46.5),      # the baseline re-run since
+                                    "auto, 8 batches a probe": entry("newer b8")})
+    assert [r[0] for r in rows] == ["baseline", "auto (default) †", "newer b8"]
+    assert "47.0" in note
+    merged, (rows, again) = sitting({"baseline": base(46.5)})   # a later sitting: still marked,
+    assert [r[0] for r in rows] == ["baseline", "auto (default) †", "newer b8"] and again == note
+    assert merged["auto (default)"]["row"][0] == "auto (default)"   # the mark is not stored
+    other = {"baseline": dict(base(47.0), runs=["b_1M_s0"])}              # another budget
+    assert list(figures.earlier_rows(args, other)) == ["baseline"]
 
 
 def test_a_budget_figure_keeps_an_earlier_sittings_other_budgets_in_budget_order(tmp_path):
@@ -221,8 +229,9 @@ def test_a_budget_figure_keeps_an_earlier_sittings_other_budgets_in_budget_order
     entry = lambda b, n, nn: dict(row=[b, n, 1, 10, nn, "", ""])  # noqa: E731
     with open(tmp_path / "results.json", "w") as f:
         json.dump({"baseline 1M": entry("1M", "baseline", "old"),
-                   "baseline 500k": entry("500k", "baseline", "old"),
+                   "baseline 500000": entry("500000", "baseline", "old"),   # = 500k
                    "baseline 125k": entry("125k", "baseline", "old"),
+                   "poly 125k": entry("125k", "poly", "old"),               # not this figure's
                    "patch 125k": entry("125k", "patch", "old")}, f)
     now = {"patch 500k": entry("500k", "patch", "new"),
            "baseline 500k": entry("500k", "baseline", "new")}
