@@ -17,13 +17,16 @@ for and what can stand in its way. One function per section (``--section``):
   ``--loader-decode`` adds what decoding costs: the SimCLR loader over generated 375×500
   JPEG files (decoded every time) against the same images read from their decode-once cache
   (imagecache.build_cache).
-* ``methods``: images/s of a whole SimCLR / MoCo-v3 / DINO training step (heads, loss,
-  momentum update included), uncompressed and under the most compressed strategy of the
-  default schedule (drop 0.75 and twice the base patch), beside the images/s one loader
-  process makes for that method: a compressed step that outruns the loader is loader-bound
-  (on CPU the workers also take cores from the step). ``--peak-tflops`` adds MFU.
-* ``adamw``: one AdamW step over the parameters of the cpu and tiny presets (backbone +
-  SimCLR head), PyTorch's foreach implementation against the fused one.
+* ``methods`` (in bench_methods.py): images/s of a whole SimCLR / MoCo-v3 / DINO training
+  step (heads, loss, momentum update included), uncompressed and under the most compressed
+  strategy of the default schedule (drop 0.75 and twice the base patch), beside the images/s
+  one loader process makes for that method: a compressed step that outruns the loader is
+  loader-bound (on CPU the workers also take cores from the step). ``--peak-tflops`` adds MFU.
+* ``adamw`` (in bench_methods.py): one AdamW step over the parameters of the cpu and tiny
+  presets (backbone + SimCLR head), PyTorch's foreach implementation against the fused one.
+
+The timing tools every section shares (interleaved rounds, medians, AdamW as train.py builds
+it) are in bench_timing.py.
 
 Timings are interleaved — round-robin over everything compared, repeated — so that slow
 drift of the machine (thermal throttling, another process) falls on all alike; each figure is
@@ -48,19 +51,15 @@ import argparse
 import functools
 import importlib
 import json
-import math
 import platform
-import statistics
 import time
 
 import torch
 
-import augment
-import compress
-import data
-from bench_loader import bench_loader, loader_base, loader_rate
-import methods
 import vit
+from bench_loader import bench_loader
+from bench_methods import bench_adamw, bench_methods
+from bench_timing import interleaved_times, make_adamw, make_step
 from compress import forward_flops
 from schedule import parse_grid
 
@@ -88,65 +87,6 @@ def n_tokens(model, img, drop, patch):
     """Sequence length the blocks see: class token + kept patch tokens (vit.ViT's rules)."""
     n = model.grid(img, patch) ** 2
     return 1 + vit.kept_tokens(n, drop)
-
-
-# ===================================================================== timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def make_adamw(params, fused=None):
-    """AdamW as train.py builds it: fused (one kernel for all parameters) where this torch has
-    it for the device, else the foreach implementation. ``fused=False`` forces foreach."""
-    params = list(params)
-    if fused is not False:
-        try:
-            return torch.optim.AdamW(params, lr=1e-4, fused=True)
-        except RuntimeError:
-            if fused:
-                raise
-    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-
-
-def make_step(features, opt, device):
-    """A callable running one full training step: ``features()`` forward, backward, ``opt``.
-
-    It returns the seconds spent in each phase (forward, backward, optimizer) and in all.
-    """
-    def step():
-        sync(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        # any scalar of the (B, D) features will do for timing: backward visits every layer
-        loss = features().square().mean()
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        opt.step()
-        sync(device)
-        t3 = time.perf_counter()
-        return dict(total=t3 - t0, forward=t1 - t0, backward=t2 - t1, optimizer=t3 - t2)
-    return step
-
-
-def interleaved_times(steps, warmup, reps):
-    """Run every step of ``steps`` once per round, warmup + reps rounds, round-robin.
-
-    Returns {name: {phase: median seconds}} over the timed rounds, plus "all": the list of
-    total times (for the spread).
-    """
-    times = {name: [] for name in steps}
-    for r in range(warmup + reps):
-        for name, fn in steps.items():
-            t = fn()
-            if r >= warmup:
-                times[name].append(t)
-    return {name: {**{k: statistics.median(t[k] for t in ts) for k in ts[0]},
-                   "all": [t["total"] for t in ts]}
-            for name, ts in times.items()}
 
 
 # =================================================================== sections
@@ -234,119 +174,6 @@ def compare_timm(args, device):
           f"ours/timm = {ms['ours'] / ms['timm']:.3f}")
     return dict(timm_version=timm.__version__, strict_load=True, max_abs_feature_diff=diff,
                 ms_ours=ms["ours"], ms_timm=ms["timm"], ratio_ours_over_timm=ms["ours"] / ms["timm"])
-
-
-# ================================================== methods: a whole training step
-def method_step(method, opt, views, strategy, device):
-    """One training step as train.py takes it: loss (bf16 autocast on GPU), backward, AdamW,
-    momentum / teacher update."""
-    def step():
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = method(views[:strategy.views], strategy.q, strategy.k, 0.5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        method.update_target(0.5)
-        sync(device)
-        return dict(total=time.perf_counter() - t0)
-    return step
-
-
-def bench_methods(args, device):
-    """Images/s of each method's step, uncompressed and compressed, beside its loader's."""
-    rows = []
-    peak = f", MFU against {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
-    print(f"# methods: images/s of a whole training step (forward, backward, AdamW, momentum "
-          f"update) on {device}, {torch.get_num_threads()} thread(s), {args.warmup} warm-up + "
-          f"{args.steps} timed rounds interleaved{peak}; loader: images/s of ONE loader process "
-          f"(one thread), per-image / batched augmentation")
-    head = (f"{'model':<6}{'method':<8}{'batch':>6} {'strategy':<34}{'ms/step':>9}{'img/s':>8}"
-            + (f"{'MFU':>7}" if args.peak_tflops else "")
-            + f"{'loader per-image':>18}{'batched':>9}  verdict (per-image / batched)")
-    print(head)
-    for model_name in args.models:
-        p0, img = vit.PRESETS[model_name]["patch_size"], vit.PRESETS[model_name]["img_size"]
-        batch = args.batch_size or (64 if img <= 64 else 8)
-        # the most compressed stage of the default schedule: drop 0.75 and twice the base patch
-        compressed = f"q:drop=0.75,patch={2 * p0};k:patch={2 * p0}"
-        strategies = {"none": compress.NONE, compressed: compress.Strategy.parse(compressed)}
-        base = loader_base(img, (1 + args.steps) * batch)
-        for name in [m for m in ("simclr", "moco", "dino") if m in args.methods]:
-            torch.manual_seed(0)
-            backbone = vit.build_vit(model_name)
-            method = methods.build_method(name, backbone, **methods.head_sizes(name, backbone.dim))
-            method = method.to(device).train()
-            opt = make_adamw([p for p in method.parameters() if p.requires_grad])
-            recipes = augment.build_views(name, img, colour="strong" if img <= 64 else "official")
-            views = [torch.randn(batch, 3, r.size, r.size, device=device) for r in recipes]
-            steps = {s: method_step(method, opt, views, st.resolve(len(views)), device)
-                     for s, st in strategies.items()}
-            times = interleaved_times(steps, args.warmup, args.steps)
-            loader = {kind: loader_rate(data.ViewDataset(base, recipes, batched=b), batch, 0,
-                                        args.steps)
-                      for kind, b in (("per_image", False), ("batched", True))}
-            # FLOPs of a sample = its units (views × f(L_view)/f(L_base) × 3 with gradient,
-            # × 1 without: the budget's own count) × f(L_base), the base forward FLOPs.
-            # (MFU is not checked on a GPU yet: none was at hand when this was written.)
-            cost = compress.CostModel(backbone)
-            for s, st in strategies.items():
-                ips = batch / times[s]["total"]
-                flops = ips * cost.sample_units(name, st.resolve(len(views))) * cost.base  # FLOP/s
-                verdict = ["model-bound" if loader[k] >= ips else
-                           f"loader-bound (≥{math.ceil(ips / loader[k])} workers)"
-                           for k in ("per_image", "batched")]
-                rows.append(dict(model=model_name, method=name, batch=batch, strategy=s,
-                                 ms_per_step=1e3 * times[s]["total"], images_per_s=ips,
-                                 flop_per_s=flops,
-                                 mfu=flops / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-                                 loader_per_image=loader["per_image"],
-                                 loader_batched=loader["batched"], verdict=verdict))
-                print(f"{model_name:<6}{name:<8}{batch:>6} {s:<34}{1e3 * times[s]['total']:>9.1f}"
-                      f"{ips:>8.0f}" + (f"{rows[-1]['mfu']:>6.1%} " if args.peak_tflops else "")
-                      + f"{loader['per_image']:>18.0f}{loader['batched']:>9.0f}  "
-                      f"{verdict[0]} / {verdict[1]}", flush=True)
-    return dict(rows=rows)
-
-
-# ======================================================= adamw: foreach vs fused
-def bench_adamw(args, device):
-    """One AdamW step over a preset's backbone + SimCLR head: foreach vs fused, interleaved."""
-    rows = []
-    print(f"# adamw: one optimizer step on {device}, {torch.get_num_threads()} thread(s), "
-          f"{args.warmup} warm-up + {args.steps} timed rounds interleaved")
-    print(f"{'model':<6}{'params':>10}{'foreach ms':>12}{'fused ms':>10}{'fused speed-up':>16}")
-    for model_name in args.adamw_models:
-        torch.manual_seed(0)
-        backbone = vit.build_vit(model_name)
-        method = methods.build_method("simclr", backbone, **methods.head_sizes("simclr", backbone.dim))
-        params = [p for p in method.to(device).parameters() if p.requires_grad]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        try:
-            opts = {"foreach": make_adamw(params, fused=False), "fused": make_adamw(params, fused=True)}
-        except RuntimeError as e:      # no fused AdamW for this device in this torch
-            print(f"{model_name:<6} fused AdamW unavailable here ({e}); skipped")
-            rows.append(dict(model=model_name, skipped=str(e)))
-            continue
-
-        def timed(opt):
-            def step():
-                sync(device)
-                t0 = time.perf_counter()
-                opt.step()
-                sync(device)
-                return dict(total=time.perf_counter() - t0)
-            return step
-        times = interleaved_times({k: timed(o) for k, o in opts.items()}, args.warmup, args.steps)
-        ms = {k: 1e3 * t["total"] for k, t in times.items()}
-        n = sum(p.numel() for p in params)
-        rows.append(dict(model=model_name, params=n, ms_foreach=ms["foreach"], ms_fused=ms["fused"],
-                         speedup=ms["foreach"] / ms["fused"]))
-        print(f"{model_name:<6}{n:>10,}{ms['foreach']:>12.2f}{ms['fused']:>10.2f}"
-              f"{ms['foreach'] / ms['fused']:>15.2f}×", flush=True)
-    return dict(rows=rows)
 
 
 SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods,

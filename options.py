@@ -277,7 +277,7 @@ def _add_output_flags(ap):
                     help="deterministic kernels (bitwise-reproducible resumes on CPU; slower on GPU)")
     ap.add_argument("--data-size", type=int, default=None,
                     help="use only this many training images (and a quarter as many validation "
-                         "images): quick runs and tests")
+                         "images; all of them with --knn-bank): quick runs and tests")
 
 
 def build_parser():

@@ -93,18 +93,25 @@ def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flag
         figures.parse_args(["compare", "--seeds", "0,1", "--constant-seeds", "3"])
 
 
-def test_the_auto_figure_runs_only_the_chosen_variants(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SystemExit):
-        figures.parse_args(["auto", "--variants", "auto,autob9"])
-    assert "unknown autob9; allowed: auto, autob8" in capsys.readouterr().err
-    args = figures.parse_args(["auto", "--variants", "autob8", "--seeds", "0,1",
-                               "--out", str(tmp_path)])
+def runs_asked_for(monkeypatch):
+    """A list that receives the (folder, flags) of the runs a figure asks for; the figure then
+    stops (StopIteration) instead of training."""
     ran = []
 
     def stop(runs, _):
         ran.extend(runs)
         raise StopIteration
     monkeypatch.setattr(figures, "run_all", stop)
+    return ran
+
+
+def test_the_auto_figure_runs_only_the_chosen_variants(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        figures.parse_args(["auto", "--variants", "auto,autob9"])
+    assert "unknown autob9; allowed: auto, autob8" in capsys.readouterr().err
+    args = figures.parse_args(["auto", "--variants", "autob8", "--seeds", "0,1",
+                               "--out", str(tmp_path)])
+    ran = runs_asked_for(monkeypatch)
     with pytest.raises(StopIteration):
         figures.fig_auto(args)
     names = [os.path.basename(out) for out, _ in ran]
@@ -121,12 +128,7 @@ def test_the_views_figure_in_the_data_scarce_regime_names_its_size(tmp_path, mon
         assert said in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--full-size 8000 must be below the 8000 training"):
         figures.main(["views", "--full-size", "8000", "--out", str(tmp_path)])
-    ran = []
-
-    def stop(runs, _):
-        ran.extend(runs)
-        raise StopIteration
-    monkeypatch.setattr(figures, "run_all", stop)
+    ran = runs_asked_for(monkeypatch)
     with pytest.raises(StopIteration):
         figures.main(["views", "--full-size", "1000", "--seeds", "0", "--out", str(tmp_path)])
     assert os.path.isdir(tmp_path / "embedded" / "views_n1000")
