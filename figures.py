@@ -24,7 +24,8 @@ whichever figure made it, so figures share their baselines and a figure can be c
 over several sittings (``--fresh`` re-runs). A run's record — everything but its checkpoints
 (``*.pt``, ignored by git) — is committed: a fresh clone reuses a finished, evaluated run from
 it; only an evaluation redone or the offline probes need the checkpoints again. Each figure
-writes ``figs/<dataset>/<figure>_<method>/`` (views: ``views/``, ``views_n<N>/``):
+writes ``figs/<dataset>/<figure>_<method>/`` (views: ``views/``, ``views_n<N>/``; compare,
+views and auto at a budget other than the default add it: ``views_n4500_250k/``):
 ``results.json``, ``table.md`` (the table it prints) and PNGs when matplotlib is installed.
 
 **Seeds.** Baselines, schedules and ``auto`` run with every seed of ``--seeds`` (default
@@ -549,7 +550,7 @@ def parse_args(argv=None):
                          "--knn-bank; all of them on the embedded set)")
     ap.add_argument("--budget", default=None,
                     help="compare/views/auto: units per run (default 500k; 200k on the embedded "
-                         "set)")
+                         "set); another budget's figure is written to <figure folder>_<budget>/")
     ap.add_argument("--budgets", default=None, help="constant/decay: the budgets compared "
                     "(default 125k,250k,500k; 50k,100k,200k on the embedded set)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of baselines, schedules and auto")
@@ -557,7 +558,7 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--full-size", type=int, default=None,
                     help="views: 'all the images' (default: the training split; fewer: the "
-                         "data-scarce regime, written to <out>/<dataset>/views_n<N>/)")
+                         "data-scarce regime, written to <out>/<dataset>/views_n<N>[_<budget>]/)")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
@@ -603,16 +604,28 @@ def parse_args(argv=None):
                        *(["--download"] if args.download else []),
                        "--knn-bank", str(args.knn_bank)]       # all 8,000 on the embedded set
     args.all_train = args.figure == "views"
-    args.budget = args.budget or ("200k" if embedded else "500k")
+    default_budget = "200k" if embedded else "500k"
+    args.budget_suffix = f"_{args.budget}" if args.budget not in (None, default_budget) else ""
+    args.budget = args.budget or default_budget
     args.budgets = args.budgets or ("50k,100k,200k" if embedded else "125k,250k,500k")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def figure_folder(args):
+    """``<out>/<dataset>/<figure>_<method>/`` (views: ``views/``, ``views_n<N>/``); a figure of
+    one budget (compare, views, auto) at a budget other than the default adds it
+    (``auto_simclr_250k/``), so that it neither overwrites the default's table nor reuses its
+    probes."""
     suffix = f"_{args.method}" if args.figure != "views" else \
         f"_n{args.full_size}" if args.full_size else ""
-    args.folder = os.path.join(args.out, args.dataset, args.figure + suffix)
+    if args.figure in ("compare", "views", "auto"):
+        suffix += args.budget_suffix
+    return os.path.join(args.out, args.dataset, args.figure + suffix)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.folder = figure_folder(args)
     os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()
     FIGURES[args.figure](args)

@@ -137,6 +137,23 @@ def test_the_views_figure_in_the_data_scarce_regime_names_its_size(tmp_path, mon
                     "v2half_n1000_200k_s0": "500", "v4drop_n1000_200k_s0": "1000"}
 
 
+def test_a_figure_of_one_budget_at_another_budget_gets_its_own_folder():
+    d = ["--data", "folder", "--data-root", "data/cifar10", "--out", "figs"]
+    folder = {tuple(a): figures.figure_folder(figures.parse_args([*a, *d])) for a in (
+        ["auto"], ["auto", "--budget", "500k"], ["auto", "--budget", "250k"],
+        ["compare", "--method", "moco", "--budget", "1M"], ["constant", "--budgets", "1M,2M"],
+        ["views", "--full-size", "4500", "--budget", "250k"])}
+    assert folder == {
+        ("auto",): os.path.join("figs", "cifar10", "auto_simclr"),
+        ("auto", "--budget", "500k"): os.path.join("figs", "cifar10", "auto_simclr"),
+        ("auto", "--budget", "250k"): os.path.join("figs", "cifar10", "auto_simclr_250k"),
+        ("compare", "--method", "moco", "--budget", "1M"):
+            os.path.join("figs", "cifar10", "compare_moco_1M"),
+        ("constant", "--budgets", "1M,2M"): os.path.join("figs", "cifar10", "constant_simclr"),
+        ("views", "--full-size", "4500", "--budget", "250k"):
+            os.path.join("figs", "cifar10", "views_n4500_250k")}
+
+
 def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(figures.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
