@@ -144,38 +144,10 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
     Weights and buffers (BatchNorm statistics, DINO centre) are restored afterwards and the
     global RNG is left untouched. Returns a dict with one row per strategy.
     """
-    have = len(view_set.recipes)
-    run = NONE.resolve(views)
-    resolved = [s.resolve(views) for s in strategies]
-    most = max([views] + [s.views for s in resolved])
-    if most > have:
-        raise ValueError(f"a strategy (or the run) needs {most} views but the view set makes "
-                         f"{have}; build its recipes with views={most}"
-                         + (f" (local_crops={local_crops('dino', most)})"
-                            if method_name == "dino" else ""))
-    params = [p for p in method.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in method.named_buffers()}       # BN statistics, DINO centre
-    device = params[0].device
-    was_training = method.training
-    method.train()
-    rank, world = rank_world()
-    g = torch.Generator().manual_seed(seed)            # the same stream on every rank
-    batch = lambda epoch: _probe_batch(view_set, epoch, g, batch_size, device)   # noqa: E731
-    grad = lambda views, s: _flat_gradient(method, params, buffers, views, s, progress)  # noqa: E731
-
+    run, resolved = _resolve_views(strategies, views, view_set, method_name)
     t0 = time.time()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + rank)                                  # dropout subsets
-        ref = RunningGradientStats()
-        for i in range(ref_batches):
-            ref.add(grad(batch(1_000_000 + i), run))
-        stats = [RunningGradientStats() for _ in strategies]
-        for k in range(batches):
-            batch_views = batch(2_000_000 + k)
-            for s, st in zip(resolved, stats):
-                st.add(grad(batch_views, s))
-    method.zero_grad(set_to_none=True)
-    method.train(was_training)
+    ref, stats = _gradient_stats(method, view_set, run, resolved, progress, batches,
+                                 ref_batches, batch_size, seed)
     # c_s / c_0 with every view charged (DINO: M − 2 of them local crops)
     price = dict(local_size=local_size, symmetric=getattr(method, "symmetric", True))
     c0 = cost.sample_units(method_name, run, **price)
@@ -188,12 +160,54 @@ def probe(method, view_set, strategies, method_name, cost, progress=0.0, batches
     # What the probe itself cost, in units: every gradient is a training step's forward+backward.
     spent = batch_size * (ref_batches * c0 + batches * sum(r["units"] for r in rows))
     signal2, clipped = signal_norm2(ref.mean, ref.variance, ref_batches)
-    return dict(progress=progress, batch_size=batch_size, world=world, batches=batches,
-                ref_batches=ref_batches, views=views,
+    return dict(progress=progress, batch_size=batch_size, world=rank_world()[1],
+                batches=batches, ref_batches=ref_batches, views=views,
                 base_patch=getattr(cost.model, "patch_size", None),
                 ref_norm2=float(ref.mean @ ref.mean), ref_norm2_corrected=signal2,
                 ref_norm2_clipped=clipped, ref_var=ref.variance, units_spent=spent,
                 seconds=time.time() - t0, rows=rows)
+
+
+def _resolve_views(strategies, views, view_set, method_name):
+    """The run's own strategy (uncompressed at M_0 = ``views``) and each strategy resolved at
+    M_0; an error if the view set makes fewer views than the most any of them needs."""
+    run = NONE.resolve(views)
+    resolved = [s.resolve(views) for s in strategies]
+    most, have = max([views] + [s.views for s in resolved]), len(view_set.recipes)
+    if most > have:
+        raise ValueError(f"a strategy (or the run) needs {most} views but the view set makes "
+                         f"{have}; build its recipes with views={most}"
+                         + (f" (local_crops={local_crops('dino', most)})"
+                            if method_name == "dino" else ""))
+    return run, resolved
+
+
+def _gradient_stats(method, view_set, run, resolved, progress, batches, ref_batches,
+                    batch_size, seed):
+    """The reference g* (``ref_batches`` uncompressed gradients) and, per strategy, the
+    running mean and variance of its gradient over the same ``batches`` batches; weights,
+    buffers, train/eval mode and the global RNG as they were."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in method.named_buffers()}       # BN statistics, DINO centre
+    device = params[0].device
+    was_training = method.training
+    method.train()
+    g = torch.Generator().manual_seed(seed)            # the same stream on every rank
+    batch = lambda epoch: _probe_batch(view_set, epoch, g, batch_size, device)   # noqa: E731
+    grad = lambda views, s: _flat_gradient(method, params, buffers, views, s, progress)  # noqa: E731
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + rank_world()[0])                       # dropout subsets
+        ref = RunningGradientStats()
+        for i in range(ref_batches):
+            ref.add(grad(batch(1_000_000 + i), run))
+        stats = [RunningGradientStats() for _ in resolved]
+        for k in range(batches):
+            batch_views = batch(2_000_000 + k)
+            for s, st in zip(resolved, stats):
+                st.add(grad(batch_views, s))
+    method.zero_grad(set_to_none=True)
+    method.train(was_training)
+    return ref, stats
 
 
 def _probe_batch(view_set, epoch, g, batch_size, device):
