@@ -604,9 +604,8 @@ def parse_args(argv=None):
                        *(["--download"] if args.download else []),
                        "--knn-bank", str(args.knn_bank)]       # all 8,000 on the embedded set
     args.all_train = args.figure == "views"
-    default_budget = "200k" if embedded else "500k"
-    args.budget_suffix = f"_{args.budget}" if args.budget not in (None, default_budget) else ""
-    args.budget = args.budget or default_budget
+    args.default_budget = "200k" if embedded else "500k"
+    args.budget = args.budget or args.default_budget
     args.budgets = args.budgets or ("50k,100k,200k" if embedded else "125k,250k,500k")
     return args
 
@@ -618,8 +617,8 @@ def figure_folder(args):
     probes."""
     suffix = f"_{args.method}" if args.figure != "views" else \
         f"_n{args.full_size}" if args.full_size else ""
-    if args.figure in ("compare", "views", "auto"):
-        suffix += args.budget_suffix
+    if args.figure in ("compare", "views", "auto") and args.budget != args.default_budget:
+        suffix += f"_{args.budget}"
     return os.path.join(args.out, args.dataset, args.figure + suffix)
 
 
