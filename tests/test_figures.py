@@ -1,4 +1,5 @@
-"""figures.py: the speed-up factor is read off the k-NN curves as its docstring defines it."""
+"""figures.py, figures_runs.py, figures_stats.py: the speed-up factor is read off the k-NN
+curves as figures_stats.py defines it; runs are reused, resumed and evaluated as asked."""
 import json
 import os
 import sys
@@ -9,16 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import figures  # noqa: E402
+import figures_runs  # noqa: E402
+import figures_stats  # noqa: E402
 
 
 def test_first_reach_interpolates_linearly_between_evaluations():
     curve = [(0, 10.0), (100, 20.0), (200, 30.0)]
-    assert figures.first_reach(curve, 25.0) == pytest.approx(150)
-    assert figures.first_reach(curve, 20.0) == pytest.approx(100)
-    assert figures.first_reach(curve, 5.0) == 0                 # already there at the start
-    assert figures.first_reach(curve, 31.0) is None             # never reached
+    assert figures_stats.first_reach(curve, 25.0) == pytest.approx(150)
+    assert figures_stats.first_reach(curve, 20.0) == pytest.approx(100)
+    assert figures_stats.first_reach(curve, 5.0) == 0                 # already there at the start
+    assert figures_stats.first_reach(curve, 31.0) is None             # never reached
     # the FIRST crossing counts, even if the curve dips below again later
-    assert figures.first_reach([(0, 10.0), (10, 40.0), (20, 20.0), (30, 40.0)], 30.0) == \
+    assert figures_stats.first_reach([(0, 10.0), (10, 40.0), (20, 20.0), (30, 40.0)], 30.0) == \
         pytest.approx(10 * 20 / 30)
 
 
@@ -26,11 +29,11 @@ def test_speed_up_is_the_baseline_budget_over_the_budget_where_the_run_reaches_i
     # (units, training seconds, k-NN): the baseline ends at 30 % after 1000 units / 100 s
     base = dict(curve=[(0, 0, 10.0), (500, 50, 20.0), (1000, 100, 30.0)])
     fast = dict(curve=[(0, 0, 10.0), (250, 40, 30.0), (1000, 160, 40.0)])
-    units, wall = figures.speedups(base, fast)
+    units, wall = figures_stats.speedups(base, fast)
     assert units == pytest.approx(4.0)             # 1000 / 250: four times fewer units
     assert wall == pytest.approx(2.5)              # 100 / 40 s: slower per unit on the clock
     slow = dict(curve=[(0, 0, 10.0), (1000, 100, 25.0)])
-    assert figures.speedups(base, slow) == (None, None)        # never reaches 30 %
+    assert figures_stats.speedups(base, slow) == (None, None)        # never reaches 30 %
 
 
 def test_read_run_takes_the_curve_steps_and_probe_cost_from_the_log(tmp_path):
@@ -41,7 +44,7 @@ def test_read_run_takes_the_curve_steps_and_probe_cost_from_the_log(tmp_path):
            dict(step=2, progress=1.0, knn=20.0, units=800.0, train_wall=3.5)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     (tmp_path / "args.json").write_text(json.dumps(dict(budget=800.0, batch_size=16)))
-    r = figures.read_run(str(tmp_path))
+    r = figures_runs.read_run(str(tmp_path))
     assert r["curve"] == [(0.0, 0.0, 12.0), (800.0, 3.5, 20.0)]
     assert (r["steps"], r["images"], r["probe_units"]) == (2, 32, 300.0)
     assert r["strategies"] == ["q:drop=0.5", "none"]
@@ -68,11 +71,11 @@ def test_cost_figure_prices_a_sample_with_its_heads(tmp_path):
 
 
 def test_spread_is_mean_and_range_and_counts_runs_that_never_reached():
-    assert figures.spread([2.0, 4.0, 3.0]) == "3.0 (2.0–4.0)"
-    assert figures.spread([5.0]) == "5.0"
-    assert figures.spread([2.0, None, 4.0]) == "3.0 (2.0–4.0), 1 of 3 not reached"
-    assert figures.spread([None, None]) == "not reached"
-    assert figures.summary([1.0, None, 3.0]) == dict(mean=2.0, min=1.0, max=3.0,
+    assert figures_stats.spread([2.0, 4.0, 3.0]) == "3.0 (2.0–4.0)"
+    assert figures_stats.spread([5.0]) == "5.0"
+    assert figures_stats.spread([2.0, None, 4.0]) == "3.0 (2.0–4.0), 1 of 3 not reached"
+    assert figures_stats.spread([None, None]) == "not reached"
+    assert figures_stats.summary([1.0, None, 3.0]) == dict(mean=2.0, min=1.0, max=3.0,
                                                       values=[1.0, None, 3.0])
 
 
@@ -80,13 +83,13 @@ def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flag
     args = figures.parse_args(["compare", "--data", "folder", "--data-root", "data/cifar10/",
                                "--out", str(tmp_path), "--seeds", "3,4"])
     assert (args.dataset, args.budget, args.seed_list) == ("cifar10", "500k", [3, 4])
-    out, argv = figures.spec(args, "moco", "drop", "500k", 4, "--accel", "q:drop=0.75")
+    out, argv = figures_runs.spec(args, "moco", "drop", "500k", 4, "--accel", "q:drop=0.75")
     assert out == os.path.join(str(tmp_path), "cifar10", "runs", "moco", "drop_500k_s4")
     assert argv[:6] == ["--method", "moco", "--budget", "500k", "--seed", "4"]
     assert argv[argv.index("--knn-bank") + 1] == "10000"
     assert argv[-2:] == ["--accel", "q:drop=0.75"]
     embedded = figures.parse_args(["views"])   # the bank: every one of the 8,000 images, also
-    argv = figures.spec(embedded, "simclr", "b", "1k", 0, "--data-size", "4000")[1]  # for a
+    argv = figures_runs.spec(embedded, "simclr", "b", "1k", 0, "--data-size", "4000")[1]  # for a
     assert argv[argv.index("--knn-bank") + 1] == "10000"      # run that pretrains on half
     assert embedded.all_train and not args.all_train          # views: eval.py --all-train
     with pytest.raises(SystemExit):
@@ -156,15 +159,15 @@ def test_a_figure_of_one_budget_at_another_budget_gets_its_own_folder():
 
 def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(figures.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    monkeypatch.setattr(figures_runs.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
     out, argv = str(tmp_path / "run"), ["--method", "simclr", "--budget", "1k"]
     os.makedirs(out)
     (tmp_path / "run" / "last.pt").write_bytes(b"x")             # stopped: no DONE.json
-    figures.start_train(out, argv, 1, fresh=False)
+    figures_runs.start_train(out, argv, 1, fresh=False)
     assert started[-1][-1] == "--resume" and (tmp_path / "run" / "last.pt").exists()
     (tmp_path / "run" / "DONE.json").write_text(json.dumps(dict(argv=[*argv, "--out", out])))
-    assert figures.start_train(out, argv, 1, fresh=False) is None and len(started) == 1
-    figures.start_train(out, [*argv, "--seed", "1"], 1, fresh=False)  # other settings: afresh
+    assert figures_runs.start_train(out, argv, 1, fresh=False) is None and len(started) == 1
+    figures_runs.start_train(out, [*argv, "--seed", "1"], 1, fresh=False)  # other settings: afresh
     assert "--resume" not in started[-1] and not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -197,19 +200,19 @@ def test_the_views_figure_redoes_an_evaluation_made_without_all_train(tmp_path, 
         def communicate(self):
             return "", ""
 
-    monkeypatch.setattr(figures.subprocess, "Popen", FakeEval)
+    monkeypatch.setattr(figures_runs.subprocess, "Popen", FakeEval)
     run = str(tmp_path / "run")
     os.makedirs(run)
     with open(os.path.join(run, "eval.json"), "w") as f:       # made without --all-train
         json.dump(dict(knn=dict(top1=5.0), linear=dict(top1=6.0)), f)
     compare, views = figures.parse_args(["compare"]), figures.parse_args(["views"])
-    assert figures.evaluate([run], compare) == {run: (5.0, 6.0)} and not calls     # reused
+    assert figures_runs.evaluate([run], compare) == {run: (5.0, 6.0)} and not calls     # reused
     with pytest.raises(SystemExit, match="run must be evaluated.*last.pt is not there"):
-        figures.evaluate([run], views)          # a committed record: no checkpoint to evaluate
+        figures_runs.evaluate([run], views)          # a committed record: no checkpoint to evaluate
     assert not calls
     open(os.path.join(run, "last.pt"), "w").close()
-    assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and "--all-train" in calls[0]
-    assert figures.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
+    assert figures_runs.evaluate([run], views) == {run: (1.0, 2.0)} and "--all-train" in calls[0]
+    assert figures_runs.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
 
 
 def test_the_auto_figure_keeps_an_earlier_sittings_rows_and_marks_those_of_rerun_baselines(
