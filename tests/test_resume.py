@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -49,13 +50,17 @@ def finish(p, timeout=240):
     return out
 
 
-def kill_at(p, step, sig=signal.SIGKILL, status=-signal.SIGKILL):
+def kill_at(p, step, sig=signal.SIGKILL, status=-signal.SIGKILL, ready=None):
     """Send ``sig`` to ``p`` as soon as it reports ``step`` (steps continue while the line is
-    read); returns None if it then exits with ``status``, else its output."""
+    read) and the file ``ready`` exists: checkpoints are written in the background, so on a
+    loaded machine the first last.pt may land a step or two after the step that saved it (the
+    next save waits for it); returns None if ``p`` then exits with ``status``, else its output."""
     seen = []
     for line in p.stdout:
         seen.append(line)
         if re.search(rf"\| step +{step} \|", line):
+            while ready and not os.path.exists(ready) and p.poll() is None:
+                time.sleep(0.005)
             os.kill(p.pid, sig)
             break
     seen.append(p.communicate(timeout=60)[0])
@@ -111,7 +116,8 @@ def kill_and_resume(tmp_path, args, kill_step, before_resume=None, sig=signal.SI
 
     def kill_then_resume():                    # in a thread, beside the uninterrupted run
         try:
-            killed.append(kill_at(start([*args, "--out", str(run)]), kill_step, sig, status))
+            killed.append(kill_at(start([*args, "--out", str(run)]), kill_step, sig, status,
+                                  ready=run / "last.pt" if sig == signal.SIGKILL else None))
             killed.append(load(run / "last.pt"))                 # loadable after a SIGKILL
             if before_resume:
                 before_resume(run)
