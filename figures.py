@@ -161,6 +161,8 @@ def fig_constant(args):
             f"equal budgets ({describe(args)})\n\n"
             + table(["budget", "run", "seeds", "steps", "NN %", "LP %", "NN − baseline"], rows))
     report(args.folder, text, results)
+    plot_budgets(args, results, f"{args.method}: constant strategies against the budget "
+                                f"({args.dataset}, mean and range)")
 
 
 def probe_and_build(args, base_out):
@@ -215,6 +217,17 @@ def fig_compare(args):
                                "mean and range)")
 
 
+def plot_budgets(args, results, title):
+    """Fig. 7 / Fig. 5 from by_budget's results ({"<name> <budget>": nn, lp, ...}): final NN
+    and LP against the budget, a bar over seeds: accuracy_vs_budget.png."""
+    import options
+    lines = {}
+    for key, r in results.items():
+        name, budget = key.split()
+        lines.setdefault(name, []).append((options.parse_units(budget), r["nn"], r["lp"]))
+    plots.plot_budgets(os.path.join(args.folder, "accuracy_vs_budget.png"), lines, title)
+
+
 def plot_curves(args, results, title):
     """Fig. 1's k-NN curves of group_rows' results, a band over seeds: knn_vs_budget.png."""
     plots.plot_bands(os.path.join(args.folder, "knn_vs_budget.png"),
@@ -232,6 +245,8 @@ def fig_decay(args):
             "difference)\n\n"
             + table(["budget", "decay", "seeds", "steps", "NN %", "LP %", "NN − cosine"], rows))
     report(args.folder, text, results)
+    plot_budgets(args, results, f"{args.method}: cosine (baseline) against polynomial decay "
+                                f"(poly) ({args.dataset}, mean and range)")
 
 
 def training_images(args):

@@ -1,9 +1,10 @@
 """Every drawing of the project: the figures' PNGs, with matplotlib (optional).
 
 Concern: turning numbers that other files computed into the paper's plots: the k-NN curves of
-the speed-up (Fig. 1, figures.py compare), the sample cost over drop × patch (Fig. 3,
-figures.py cost), the gradient-error heatmaps (Fig. 4, probe.py and schedule.py build) and the
-learning-rate schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
+the speed-up (Fig. 1, figures.py compare), final accuracy against the budget (Figs. 7 and 5,
+figures.py constant and decay), the sample cost over drop × patch (Fig. 3, figures.py cost),
+the gradient-error heatmaps (Fig. 4, probe.py and schedule.py build) and the learning-rate
+schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
 so nothing else needs it; without it a function prints a note and returns None (a table is
 always printed by the caller; a plot never stops a run). This file imports nothing of the
 project: its inputs are plain lists and dicts.
@@ -53,6 +54,40 @@ def plot_bands(path, curves, title):
         ax.set_ylabel("k-NN top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title="run (seeds)", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ====================================== Fig. 7 (and Fig. 5): final accuracy vs budget
+def plot_budgets(path, lines, title):
+    """Final k-NN (left) and linear-probe (right) accuracy against the budget (Fig. 7's
+    constant strategies, Fig. 5's decays): lines {name: [(units, nn, lp)]}, nn and lp each
+    {"mean", "min", "max"} over seeds. The point is the mean, the bar the range (min to
+    max); the budget axis is logarithmic, as budgets double."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, points in lines.items():
+        points = sorted(points, key=lambda p: p[0])
+        x = [p[0] / 1e3 for p in points]
+        for ax, i in zip(axes, (1, 2)):
+            mean = [p[i]["mean"] for p in points]
+            err = [[m - p[i]["min"] for m, p in zip(mean, points)],
+                   [p[i]["max"] - m for m, p in zip(mean, points)]]
+            ax.errorbar(x, mean, yerr=err, marker="o", ms=4, capsize=3, label=name)
+    for ax, what in zip(axes, ("k-NN", "linear probe")):
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({p[0] / 1e3 for ps in lines.values() for p in ps}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+        ax.set_xlabel("budget (k units)")
+        ax.set_ylabel(f"final {what} top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

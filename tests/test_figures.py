@@ -261,3 +261,24 @@ def test_a_budget_figure_keeps_an_earlier_sittings_other_budgets_in_budget_order
     assert list(merged) == ["baseline 125k", "patch 125k", "baseline 500k", "patch 500k",
                             "baseline 1M"]
     assert merged["baseline 500k"]["row"][4] == "new"             # this sitting's budget wins
+
+
+def test_the_budget_figures_draw_final_accuracy_against_the_budget_in_units(tmp_path, monkeypatch):
+    args = figures.parse_args(["constant", "--budgets", "125k,1M", "--out", str(tmp_path)])
+    args.folder = str(tmp_path)
+    acc = lambda m: dict(mean=m, min=m - 1, max=m + 1)  # noqa: E731
+    results = {"baseline 125k": dict(nn=acc(40.0), lp=acc(44.0)),
+               "patch 125k": dict(nn=acc(45.0), lp=acc(48.0)),
+               "baseline 1M": dict(nn=acc(50.0), lp=acc(52.0))}
+    drawn = {}
+    monkeypatch.setattr(figures.plots, "plot_budgets",
+                        lambda path, lines, title: drawn.update(path=path, lines=lines))
+    figures.plot_budgets(args, results, "t")
+    assert drawn["path"] == os.path.join(str(tmp_path), "accuracy_vs_budget.png")
+    assert drawn["lines"] == {"baseline": [(125_000, acc(40.0), acc(44.0)),
+                                           (1_000_000, acc(50.0), acc(52.0))],
+                              "patch": [(125_000, acc(45.0), acc(48.0))]}
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    figures.plot_budgets(args, results, "t")                       # one budget: a point alone
+    assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
