@@ -280,5 +280,5 @@ def test_the_budget_figures_draw_final_accuracy_against_the_budget_in_units(tmp_
                               "patch": [(125_000, acc(45.0), acc(48.0))]}
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    figures.plot_budgets(args, results, "t")                       # one budget: a point alone
+    figures.plot_budgets(args, results, "t")              # patch at one budget: a point alone
     assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
