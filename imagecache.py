@@ -100,29 +100,9 @@ def build_cache(root, split, out_path, short_side=256, workers=0, log_every=10.0
                       f"but '{out_dir}' has {free / 1e9:.1f} GB free")
     images = np.lib.format.open_memmap(out_path + ".tmp", mode="w+", dtype=np.uint8,
                                        shape=(n, 3, S, S))
-    labels, skipped, kept = np.empty(n, dtype=np.int64), [], 0
-    jobs = [(path, S) for path, _ in folder.samples]
-    pool = multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) \
-        if workers > 1 else None
-    t0 = t_log = time.time()
-    try:
-        results = pool.imap(_square_file, jobs, chunksize=16) if pool else map(_square_file, jobs)
-        for k, ((path, label), (img, error)) in enumerate(zip(folder.samples, results), 1):
-            if img is None:
-                skipped.append(path)
-                warnings.warn(f"unreadable image '{path}' ({error}); left out of the cache")
-            else:
-                images[kept], labels[kept] = img, label
-                kept += 1
-            if log_every and (time.time() - t_log >= log_every or k == n):
-                t_log = time.time()
-                rate = k / max(t_log - t0, 1e-9)
-                eta = int((n - k) / rate)
-                print(f"{split}: {k:,}/{n:,} images | {rate:,.0f} img/s | ETA "
-                      f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
-    finally:
-        if pool:
-            pool.terminate()
+    labels = np.empty(n, dtype=np.int64)
+    t0 = time.time()
+    kept, skipped = _decode_into(images, labels, folder.samples, S, workers, log_every, split)
     if kept == 0:
         raise RuntimeError(f"none of the {n} images under '{os.path.join(root, split)}' can be "
                            "decoded")
@@ -147,6 +127,36 @@ def build_cache(root, split, out_path, short_side=256, workers=0, log_every=10.0
             os.fsync(f.fileno())
         os.replace(tmp, final)
     return meta
+
+
+def _decode_into(images, labels, samples, S, workers, log_every, split):
+    """Decode ``samples`` [(path, label)] in order into the first rows of ``images`` / ``labels``
+    (an unreadable file is skipped with a warning); ``workers`` > 1 decodes in a Pool. Prints
+    progress every ``log_every`` seconds. Returns (rows written, skipped paths)."""
+    n, skipped, kept = len(samples), [], 0
+    jobs = [(path, S) for path, _ in samples]
+    pool = multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) \
+        if workers > 1 else None
+    t0 = t_log = time.time()
+    try:
+        results = pool.imap(_square_file, jobs, chunksize=16) if pool else map(_square_file, jobs)
+        for k, ((path, label), (img, error)) in enumerate(zip(samples, results), 1):
+            if img is None:
+                skipped.append(path)
+                warnings.warn(f"unreadable image '{path}' ({error}); left out of the cache")
+            else:
+                images[kept], labels[kept] = img, label
+                kept += 1
+            if log_every and (time.time() - t_log >= log_every or k == n):
+                t_log = time.time()
+                rate = k / max(t_log - t0, 1e-9)
+                eta = int((n - k) / rate)
+                print(f"{split}: {k:,}/{n:,} images | {rate:,.0f} img/s | ETA "
+                      f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+    return kept, skipped
 
 
 def _npy_header(f):

@@ -118,30 +118,17 @@ def plot_cost(path, results, patches, drops):
 
 
 # =========================================== Fig. 4: gradient error over drop × patch
-def save_heatmaps(results, path):
-    """The paper's Fig. 4: CA-MSE, bias² and cost-adjusted variance over drop × patch, as a PNG.
+HEATMAP_METRICS = (("ca_mse", "CA-MSE"), ("bias2", "bias²"), ("ca_var", "cost-adjusted variance"))
 
-    One row of three panels per (stage, views): x = the query's drop rate, y = its patch size,
-    log colour scale shared by all panels of a column, so that the stages compare. Where a
-    grid varies the roles, several strategies fall in one (drop, patch, views) cell: the cell
-    shows the one with the least CA-MSE (the one ``build`` would pick), in all three panels.
-    A zero (bias² clipped at 0) is drawn at the column's smallest positive value; each row's
-    least CA-MSE is boxed. matplotlib is optional: without it this prints a note and returns
-    None. Returns ``path`` when written.
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print(f"note: matplotlib is not installed, so no heatmaps in {path} "
-              "(pip install matplotlib)")
-        return None
+
+def heatmap_panels(results):
+    """The numbers of Fig. 4: one panel per (stage, views), in order of progress then views,
+    as (title, drops, patches, {metric: grid}); grid[i][j] is the metric at patches[i] and
+    drops[j] (NaN where the grid has no such cell). Where a grid varies the roles, several
+    strategies fall in one (drop, patch, views) cell: the cell takes the row with the least
+    CA-MSE (the one ``schedule.build`` would pick), for all three metrics."""
     import numpy as np
-    metrics = (("ca_mse", "CA-MSE"), ("bias2", "bias²"), ("ca_var", "cost-adjusted variance"))
-    panels = []                                          # (title, drops, patches, {metric: (P, D)})
+    panels = []
     for res in sorted(results, key=lambda r: r["progress"]):
         base = res.get("base_patch")
         for views in sorted({r.get("views") for r in res["rows"]}, key=lambda v: v or 0):
@@ -153,45 +140,71 @@ def save_heatmaps(results, path):
                 cell = (r["drop"], r["patch"] or base or 0)
                 if cell not in best or r["ca_mse"] < best[cell]["ca_mse"]:
                     best[cell] = r
-            grids = {m: np.full((len(patches), len(drops)), np.nan) for m, _ in metrics}
+            grids = {m: np.full((len(patches), len(drops)), np.nan) for m, _ in HEATMAP_METRICS}
             for (d, p), r in best.items():
-                for m, _ in metrics:
+                for m, _ in HEATMAP_METRICS:
                     grids[m][patches.index(p), drops.index(d)] = r[m]
             title = f"progress {res['progress']:.0%}" + (f", {views} views" if views else "")
             panels.append((title, drops, patches, grids))
+    return panels
+
+
+def save_heatmaps(results, path):
+    """The paper's Fig. 4: CA-MSE, bias² and cost-adjusted variance over drop × patch, as a PNG.
+
+    One row of three panels per (stage, views) of ``heatmap_panels``: x = the query's drop
+    rate, y = its patch size, log colour scale shared by all panels of a column, so that the
+    stages compare. A zero (bias² clipped at 0) is drawn at the column's smallest positive
+    value; each row's least CA-MSE is boxed. Without matplotlib this prints a note and returns
+    None. Returns ``path`` when written.
+    """
+    plt = pyplot(f"no heatmaps in {path} (pip install matplotlib)")
+    if plt is None:
+        return None
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    panels = heatmap_panels(results)
     if not panels:
         print(f"note: no probe rows to draw, so no heatmaps in {path}")
         return None
     norms = {}
-    for m, _ in metrics:
+    for m, _ in HEATMAP_METRICS:
         values = np.concatenate([g[m].ravel() for *_, g in panels])
         positive = values[np.isfinite(values) & (values > 0)]
         lo, hi = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
         norms[m] = (LogNorm(lo, hi if hi > lo else lo * 10), lo)
     fig, axes = plt.subplots(len(panels), 3, figsize=(11, 2.8 * len(panels)), squeeze=False)
     for row, (title, drops, patches, grids) in enumerate(panels):
-        for col, (m, label) in enumerate(metrics):
-            ax, (norm, floor) = axes[row, col], norms[m]
-            shown = np.ma.masked_invalid(np.maximum(grids[m], floor))   # zeros drawn at the floor
-            im = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis", norm=norm)
-            for (i, j), v in np.ndenumerate(grids[m]):
-                if np.isfinite(v):
-                    light = norm(max(v, floor)) > 0.6                 # dark text on a light cell
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                            color="k" if light else "w")
-            if np.isfinite(grids["ca_mse"]).any():
-                i, j = np.unravel_index(np.nanargmin(grids["ca_mse"]), grids["ca_mse"].shape)
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
-            ax.set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
-            ax.set_yticks(range(len(patches)), [str(p or "base") for p in patches])
-            ax.set_xlabel("token drop rate (query)")
-            ax.set_ylabel("patch size")
-            ax.set_title(f"{label} — {title}", fontsize=9)
-            fig.colorbar(im, ax=ax)
+        for col, (m, label) in enumerate(HEATMAP_METRICS):
+            im = _draw_heatmap(axes[row, col], grids[m], grids["ca_mse"], *norms[m])
+            axes[row, col].set_xticks(range(len(drops)), [f"{d:g}" for d in drops])
+            axes[row, col].set_yticks(range(len(patches)), [str(p or "base") for p in patches])
+            axes[row, col].set_title(f"{label} — {title}", fontsize=9)
+            fig.colorbar(im, ax=axes[row, col])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_heatmap(ax, grid, ca_mse, norm, floor):
+    """One panel: the grid in colour with its values written in, a zero drawn at ``floor``,
+    the cell of least CA-MSE boxed in red. Returns the image (for the colour bar)."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+    im = ax.imshow(np.ma.masked_invalid(np.maximum(grid, floor)), origin="lower", aspect="auto",
+                   cmap="viridis", norm=norm)
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            light = norm(max(v, floor)) > 0.6                         # dark text on a light cell
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                    color="k" if light else "w")
+    if np.isfinite(ca_mse).any():
+        i, j = np.unravel_index(np.nanargmin(ca_mse), ca_mse.shape)
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.set_xlabel("token drop rate (query)")
+    ax.set_ylabel("patch size")
+    return im
 
 
 # ============================================================== Fig. 6: learning rate

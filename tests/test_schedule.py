@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import compress  # noqa: E402
 import schedule  # noqa: E402
-from plots import save_heatmaps  # noqa: E402
+from plots import heatmap_panels, save_heatmaps  # noqa: E402
 from schedule import (StageSchedule, best_strategy, build_schedule, learning_rate,  # noqa: E402
                       parse_grid)
 
@@ -108,6 +108,21 @@ def _fake_result(progress, views=(None,)):
                  bias2=0.0 if d == 0 else d * 0.1, ca_var=1.0 - d / 2, ca_mse=1.0 - d / 3)
             for d in (0.0, 0.5, 0.75) for p in (None, 8) for v in views]
     return dict(progress=progress, base_patch=4, rows=rows)
+
+
+def test_a_heatmap_cell_shows_its_least_ca_mse_strategy_and_panels_follow_progress_then_views():
+    late, early = _fake_result(0.5), _fake_result(0.0, (2, 4))
+    other_roles = dict(late["rows"][-1], strategy="k:drop=0.75", ca_mse=0.01, bias2=7.0)
+    late["rows"].append(other_roles)                     # same (drop 0.75, patch 8) cell, less error
+    panels = heatmap_panels([late, early])
+    assert [title for title, *_ in panels] == ["progress 0%, 2 views", "progress 0%, 4 views",
+                                               "progress 50%"]
+    _, drops, patches, grids = panels[-1]
+    assert drops == [0.0, 0.5, 0.75] and patches == [4, 8]          # patch None is the base, 4
+    assert grids["ca_mse"][1, 2] == 0.01 and grids["bias2"][1, 2] == 7.0   # the whole row moves
+    assert grids["ca_mse"][0, 0] == 1.0                                       # base, no drop
+    late["rows"] = [r for r in late["rows"] if not (r["drop"] == 0.5 and r["patch"] == 8)]
+    assert math.isnan(heatmap_panels([late])[0][3]["ca_var"][1, 1])     # no such strategy
 
 
 def test_heatmaps_are_written_when_matplotlib_is_installed(tmp_path):
