@@ -269,6 +269,32 @@ def test_cifar_arrays_become_uint8_chw(monkeypatch):
     assert img[0].eq(7).all() and img[1:].eq(0).all()
 
 
+def test_cifar10_batch_files_are_read_by_torchvision_into_chw_images(tmp_path, monkeypatch):
+    """The real reader on generated files in CIFAR-10's python format (what --download
+    unpacks): rows of 3072 bytes, planes R, G, B. Only the md5 check is bypassed, which
+    generated files cannot pass."""
+    import pickle
+    import torchvision.datasets.cifar as cifar
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[name] = rng.integers(0, 256, (4, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows[name], "labels": [1, 9, 0, 9]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    train = build_dataset("cifar10", root=str(tmp_path), split="train")
+    val = build_dataset("cifar10", root=str(tmp_path), split="val")
+    assert len(train) == 20 and len(val) == 4 and val.classes[9] == "c9"
+    img, label = val[1]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 9
+    assert torch.equal(img, torch.from_numpy(rows["test_batch"][1].reshape(3, 32, 32)))
+    assert torch.equal(train[4][0], torch.from_numpy(rows["data_batch_2"][0].reshape(3, 32, 32)))
+
+
 def test_eval_transform_resizes_and_centre_crops():
     t = eval_transform(32)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
