@@ -11,7 +11,7 @@ project: its inputs are plain lists and dicts.
 
     from plots import plot_lr
     ts = [i / 100 for i in range(101)]
-    plot_lr("/tmp/lr.png", ts, {"linear decay": [1 - t for t in ts]})   # → "/tmp/lr.png"
+    plot_lr("lr.png", ts, {"linear decay": [1 - t for t in ts]})   # → "lr.png"
 """
 
 
