@@ -257,18 +257,6 @@ def test_sampler_set_epoch_reaches_the_views_in_persistent_loader_workers():
     assert not torch.equal(first, views[0])
 
 
-def test_cifar_arrays_become_uint8_chw(monkeypatch):
-    class FakeCIFAR10:                                       # the attributes torchvision gives
-        def __init__(self, root, train, download):
-            self.data = np.zeros((5, 32, 32, 3), dtype=np.uint8)   # NHWC
-            self.data[..., 0] = 7
-            self.targets, self.classes = [0, 1, 2, 3, 4], list("abcde")
-    monkeypatch.setattr(data.torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    img, label = build_dataset("cifar10", root="unused")[3]
-    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 3
-    assert img[0].eq(7).all() and img[1:].eq(0).all()
-
-
 def test_cifar10_batch_files_are_read_by_torchvision_into_chw_images(tmp_path, monkeypatch):
     """The real reader on generated files in CIFAR-10's python format (what --download
     unpacks): rows of 3072 bytes, planes R, G, B. Only the md5 check is bypassed, which
