@@ -23,8 +23,8 @@ import os
 
 import plots
 from figures_runs import ROOT, read_eval, read_run
-from figures_stats import (factor_spread, factor_summary, per_seed, speedups, spread, summary,
-                           table)
+from figures_stats import (factor_spread, factor_summary, levels, median, per_seed, speedups,
+                           spread, summary, table)
 
 GROUP_KINDS = ("compare", "auto", "views")         # rows of runs at one budget, with curves
 BUDGET_KINDS = ("constant", "decay")               # rows of runs at several budgets
@@ -149,12 +149,31 @@ def render_group(folder, manifest):
     text += "\n\n" + group_table({n: results[n] for n in names})
     text += ("\n\n" + "\n".join(costs) if costs else "")
     text += lost_note({n: results[n]["lost"] for n in names})
+    if "patch" in results and results["patch"]["runs"]:
+        fig1(folder, results, names[0], "patch")
     plots.plot_bands(png,
                      {f"{n} (seeds {','.join(map(str, results[n]['seeds']))})":
                       results[n]["curves"] for n in names if results[n]["runs"]},
                      f"{base['method']}: k-NN against budget and training time (mean, range "
                      "over seeds)")
     return text, results
+
+
+def fig1(folder, results, ref, name):
+    """fig1.png: the levels of ``ref`` and ``name`` against the budget, the median target and
+    the speed-up in the title (the README's picture)."""
+    levs = {n: [levels([(c[0], c[2]) for c in curve]) for curve in results[n]["curves"]]
+            for n in (ref, name)}
+    target = median([lv[-1][1] for lv in levs[ref]])
+    s, floor = results[name]["speedup_units"]["values"], results[ref]["speedup_units"]["values"]
+    method = {"simclr": "SimCLR", "moco": "MoCo-v3", "dino": "DINO"}.get(
+        results[ref]["method"], results[ref]["method"])
+    caption = (f"{method}, CIFAR-10, {len(s)} seeds: constant patch scaling 4 → 8 px holds the "
+               f"baseline's end level\nwith {factor_spread(s)}× fewer units (median (range); "
+               f"the baseline against itself: {factor_spread(floor)}×)")
+    plots.plot_speedup(os.path.join(folder, "fig1.png"), levs[ref], levs[name],
+                       [f"{ref} ({len(floor)} seeds)", f"{name}: qk:patch=8 ({len(s)} seeds)"],
+                       target, caption)
 
 
 def probe_units(folder):
