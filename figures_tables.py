@@ -84,8 +84,11 @@ def group_results(manifest):
         rs = [reads[o] for o in runs]
         evals = [read_eval(at(o)) for o in runs]
         pairs = [speedups(reference[r["seed"]], r) for r in rs]
+        ref_nn = {reads[o]["seed"]: read_eval(at(o))[0] for o in split[names[0]][0]}
         results[n] = dict(runs=runs, lost=lost, seeds=[r["seed"] for r in rs],
                           nn=summary([e[0] for e in evals]), lp=summary([e[1] for e in evals]),
+                          nn_minus_reference=summary([e[0] - ref_nn[r["seed"]]
+                                                      for e, r in zip(evals, rs)]),
                           minutes=summary([r["curve"][-1][1] / 60 for r in rs]),
                           speedup_units=factor_summary([p[0] for p in pairs]),
                           speedup_wall=factor_summary([p[1] for p in pairs]),
@@ -97,8 +100,8 @@ def group_results(manifest):
     return results
 
 
-GROUP_HEADER = ["run", "seeds", "strategy (first seed)", "steps", "NN %", "LP %", "train min",
-                "speed-up, units", "per seed", "speed-up, wall ‡"]
+GROUP_HEADER = ["run", "seeds", "strategy (first seed)", "steps", "NN %", "LP %",
+                "NN − reference", "train min", "speed-up, units", "per seed", "speed-up, wall ‡"]
 
 
 def group_table(results):
@@ -108,6 +111,7 @@ def group_table(results):
             continue
         rows.append((n, ",".join(map(str, r["seeds"])), " → ".join(r["strategies"][0]),
                      r["steps"][0], spread(r["nn"]["values"]), spread(r["lp"]["values"]),
+                     spread(r["nn_minus_reference"]["values"]) if rows else "",
                      spread(r["minutes"]["values"]),
                      factor_spread(r["speedup_units"]["values"]),
                      per_seed(r["speedup_units"]["values"]),
@@ -265,9 +269,10 @@ def render_cost(folder, record):
 
 
 # ======================================================================= the lot
-def render(folder, manifest=None):
+def render(folder, manifest=None, quiet=False):
     """table.md, results.json and the PNG of one figure folder, from its list of runs
-    (``manifest``, default its results.json) and the runs' records; returns the table."""
+    (``manifest``, default its results.json) and the runs' records; returns the table
+    (printed unless ``quiet``)."""
     if manifest is None:
         with open(os.path.join(folder, "results.json")) as f:
             manifest = json.load(f)
@@ -279,7 +284,8 @@ def render(folder, manifest=None):
         f.write(text + "\n")
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(text)
+    if not quiet:
+        print(text)
     return text
 
 

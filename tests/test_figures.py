@@ -286,3 +286,16 @@ def test_every_committed_table_is_re_derived_unchanged_from_the_committed_record
         text = figures_tables.render(str(copy))
         with open(os.path.join(folder, "table.md")) as f:
             assert f.read() == text + "\n", f"{folder}: table.md differs from its records"
+
+
+def test_the_checker_reads_quoted_numbers_back_from_the_committed_tables(tmp_path):
+    import figures_check
+    out = os.path.join(ROOT, "figs")
+    quoted = tmp_path / "text.md"
+    quoted.write_text("patch 51.5 (51.1–51.9) NN; DINO's dropout −0.4 (−0.6 to −0.3)\n")
+    assert figures_check.check_text(out, [str(quoted)]) == []
+    quoted.write_text("patch 51.6 (51.1–51.9) NN\n")                  # a mistyped mean
+    assert figures_check.check_text(out, [str(quoted)]) == \
+        [f"{quoted}: '51.6 (51.1–51.9)' is in no table"]
+    problems, counted, lost = figures_check.check_records(out)
+    assert problems == [] and counted > 0
