@@ -2,8 +2,8 @@
 
 Concern: the experiments of the paper (Figs. 1, 3–8; Table 2) and the second paper's views
 question, run with several seeds and reported as mean and range. Every number comes from
-train.py / eval.py / probe.py / schedule.py runs started here; nothing is computed any other way. Runs
-go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
+train.py / eval.py / probe.py / schedule.py runs started here, read back from their committed
+records (figures_tables.py); nothing is computed any other way. Runs go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
 equally.
 
     D="--data folder --data-root data/cifar10"      # the README's figures (CIFAR-10 JPEGs)

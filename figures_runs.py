@@ -88,8 +88,9 @@ def start_train(out, argv, threads):
     resume = finished is None and os.path.isfile(os.path.join(out, "last.pt"))
     if finished is not None or (not resume and os.path.isdir(out) and os.listdir(out)):
         held = "finished: " + " ".join(finished) if finished else "no DONE.json, no last.pt"
-        raise SystemExit(f"error: {out} holds another run ({held}); a run folder is never reused — let figures.py choose the next free "
-                         "folder (_r2, _r3 …) or move that one away")
+        raise SystemExit(f"error: {out} holds another run ({held}); a run folder is never "
+                         "reused: let figures.py choose the next free folder (_r2, _r3 …) or "
+                         "move that one away")
     if not resume:
         os.makedirs(out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -120,7 +121,8 @@ def run_all(runs, args):
                 raise SystemExit(f"error: train.py {' '.join(argv)} failed "
                                  f"(exit {p.returncode}):\n{tail}")
             with open(os.path.join(out, "DONE.json"), "w") as f:
-                json.dump(dict(argv=[*argv, "--out", out], seconds=time.time() - t0, commit=code), f)
+                json.dump(dict(argv=[*argv, "--out", out], seconds=time.time() - t0, commit=code,
+                               jobs=jobs, threads=threads, cpus=os.cpu_count()), f)
             print(f"  finished {out} in {(time.time() - t0) / 60:.1f} min", flush=True)
         time.sleep(0.5)
 
@@ -142,7 +144,7 @@ def evaluate(outs, args):
     if gone:
         raise SystemExit(f"error: {', '.join(gone)} must be evaluated (again) but the run's "
                          "last.pt is not there (a committed record without its checkpoint): "
-                         "delete its DONE.json to re-run that run alone")
+                         "re-run it with --fresh (into a new folder; the record stays)")
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -173,7 +175,8 @@ def read_run(out):
         records = [json.loads(line) for line in f]
     with open(os.path.join(out, "args.json")) as f:
         args = json.load(f)
-    curve = [(r.get("units", 0.0), r.get("train_wall", 0.0), r["knn"]) for r in records if "knn" in r]
+    curve = [(r.get("units", 0.0), r.get("train_wall", 0.0), r["knn"]) for r in records
+             if "knn" in r]
     steps = [r for r in records if "loss" in r]
     probes = [r for r in records if "auto" in r]
     return dict(curve=curve, budget=args["budget"], seed=args["seed"], method=args["method"],

@@ -126,12 +126,8 @@ def render_group(folder, manifest):
     base = results[names[0]]
     budget = base["budget"]
     png = os.path.join(folder, "knn_vs_budget.png")
-    if budget is None:                                  # the reference's records are lost
-        if os.path.isfile(png):
-            os.remove(png)                              # drawn from runs no longer on record
-        return ("No run of this figure has a record: it is not re-derivable, and nothing of "
-                "it is claimed." + lost_note({n: r["lost"] for n, r in results.items()}),
-                results)
+    if budget is None:
+        return unrecorded(png, results), results
     text = (f"{base['method']}, {budget:,.0f} units a run, "
             f"{os.path.basename(os.path.dirname(os.path.normpath(folder)))}. "
             f"Speed-up against '{names[0]}' of the same seed (figures_stats.py): the budget "
@@ -161,6 +157,15 @@ def render_group(folder, manifest):
                      f"{base['method']}: k-NN against budget and training time (mean, range "
                      "over seeds)")
     return text, results
+
+
+def unrecorded(png, results):
+    """The text of a figure whose reference rows' records are all lost; its PNG, drawn from
+    runs no longer on record, removed."""
+    if os.path.isfile(png):
+        os.remove(png)
+    return ("No run of this figure has a record: it is not re-derivable, and nothing of it is "
+            "claimed." + lost_note({n: r["lost"] for n, r in results.items()}))
 
 
 def fig1(folder, results, ref, name):

@@ -1,8 +1,8 @@
 """Every drawing of the project: the figures' PNGs, with matplotlib (optional).
 
 Concern: turning numbers that other files computed into the paper's plots: the k-NN curves of
-the speed-up (Fig. 1, figures.py compare; the README's one picture), final accuracy against the budget (Figs. 7 and 5,
-figures.py constant and decay), the sample cost over drop × patch (Fig. 3, figures.py cost),
+the speed-up (Fig. 1, figures.py compare, and the README's picture), final accuracy against
+the budget (Figs. 7 and 5, figures.py constant and decay), the sample cost over drop × patch (Fig. 3, figures.py cost),
 the gradient-error heatmaps (Fig. 4, probe.py and schedule.py build) and the learning-rate
 schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
 so nothing else needs it; without it a function prints a note and returns None (a table is

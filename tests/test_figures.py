@@ -208,7 +208,8 @@ def record(folder, seed, accs, nn, method="simclr", budget=1000.0, strategy="non
     os.makedirs(folder)
     xs = [budget * i / (len(accs) - 1) for i in range(len(accs))]
     log = [dict(step=i, loss=1.0, strategy=strategy, units=x) for i, x in enumerate(xs)]
-    log += [dict(step=i, knn=a, units=x, train_wall=x / 100) for i, (x, a) in enumerate(zip(xs, accs))]
+    log += [dict(step=i, knn=a, units=x, train_wall=x / 100)
+            for i, (x, a) in enumerate(zip(xs, accs))]
     with open(os.path.join(folder, "log.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in log))
     with open(os.path.join(folder, "args.json"), "w") as f:
