@@ -77,14 +77,17 @@ def group_results(manifest):
     split = {n: split_lost(manifest[n]) for n in names}
     reads = {o: read_run(at(o)) for runs, _ in split.values() for o in runs}
     reference = {reads[o]["seed"]: reads[o] for o in split[names[0]][0]}
+    ref_nn = {reads[o]["seed"]: read_eval(at(o))[0] for o in split[names[0]][0]}
+    unpaired = [o for runs, _ in split.values() for o in runs if reads[o]["seed"] not in reference]
+    if unpaired and reference:
+        raise SystemExit(f"error: {', '.join(unpaired)}: no '{names[0]}' run of the same seed "
+                         "on record to compare with; list the run as lost or add that seed")
     results = {}
     for n in names:
         runs, lost = split[n]
-        runs = [o for o in runs if reads[o]["seed"] in reference]
         rs = [reads[o] for o in runs]
         evals = [read_eval(at(o)) for o in runs]
         pairs = [speedups(reference[r["seed"]], r) for r in rs]
-        ref_nn = {reads[o]["seed"]: read_eval(at(o))[0] for o in split[names[0]][0]}
         results[n] = dict(runs=runs, lost=lost, seeds=[r["seed"] for r in rs],
                           nn=summary([e[0] for e in evals]), lp=summary([e[1] for e in evals]),
                           nn_minus_reference=summary([e[0] - ref_nn[r["seed"]]
@@ -104,14 +107,15 @@ GROUP_HEADER = ["run", "seeds", "strategy (first seed)", "steps", "NN %", "LP %"
                 "NN − reference", "train min", "speed-up, units", "per seed", "speed-up, wall ‡"]
 
 
-def group_table(results):
+def group_table(results, reference):
+    """The Markdown table of group_results' rows with a record (the reference first)."""
     rows = []
     for n, r in results.items():
         if not r["runs"]:
             continue
         rows.append((n, ",".join(map(str, r["seeds"])), " → ".join(r["strategies"][0]),
                      r["steps"][0], spread(r["nn"]["values"]), spread(r["lp"]["values"]),
-                     spread(r["nn_minus_reference"]["values"]) if rows else "",
+                     "" if n == reference else spread(r["nn_minus_reference"]["values"]),
                      spread(r["minutes"]["values"]),
                      factor_spread(r["speedup_units"]["values"]),
                      per_seed(r["speedup_units"]["values"]),
@@ -146,7 +150,7 @@ def render_group(folder, manifest):
              f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget, "
              "charged to it" for n, r in results.items()
              if isinstance(r, dict) and any(r.get("probe_units", []))]
-    text += "\n\n" + group_table({n: results[n] for n in names})
+    text += "\n\n" + group_table({n: results[n] for n in names}, names[0])
     text += ("\n\n" + "\n".join(costs) if costs else "")
     text += lost_note({n: results[n]["lost"] for n in names})
     if "patch" in results and results["patch"]["runs"]:
