@@ -3,9 +3,10 @@ what the figure says, and every "mean (min–max)" quoted in the text is in a ta
 
 Concern: checking, never writing. Three checks, each a list of problems (none: exit 0):
 
-* **records**: each run a figure's results.json counts (``runs``) has its record (args.json,
-  log.jsonl, eval.json) and the record's final NN / LP and k-NN curve are the figure's; the
-  runs listed as ``lost`` are counted and named.
+* **records**: each run a figure's results.json counts (``runs``) has its record committed
+  (args.json, log.jsonl, eval.json, DONE.json: arguments, curve, final NN / LP, command line;
+  its commit is the one that added it) and the record's final NN / LP and k-NN curve are the
+  figure's; the runs listed as ``lost`` are counted.
 * **tables**: each figure's table.md is what figures_tables.py makes from the records now.
 * **text**: each number quoted in README.md and docs/figures.md as "m (a–b)" (a mean or a
   median and its range over seeds) or "m×" appears in a committed table.md, and each
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -29,9 +31,22 @@ TEXTS = ("README.md", os.path.join("docs", "figures.md"))
 TRIPLE = re.compile(r"[−+-]?\d+\.\d (\((?:n\.r\.|[−+-]?\d+\.\d)(?:–| to )[−+-]?\d+\.\d\))")
 
 
+RECORD = ("args.json", "log.jsonl", "eval.json", "DONE.json")
+
+
+def tracked():
+    """The files git tracks under the repository (relative paths), or None outside git."""
+    try:
+        return set(subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                                  text=True, check=True).stdout.split("\0"))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def check_records(out):
-    """(problems, counted, lost): runs without a record or whose record disagrees."""
-    problems, counted, lost = [], 0, 0
+    """(problems, counted, lost): runs without a committed record (args, curve, evaluation,
+    command line) or whose record disagrees with the figure."""
+    problems, counted, lost, files = [], 0, 0, tracked()
     for folder in figures_tables.figure_folders(out):
         with open(os.path.join(folder, "results.json")) as f:
             results = json.load(f)
@@ -44,8 +59,12 @@ def check_records(out):
                 counted += 1
                 where = f"{os.path.relpath(folder, ROOT)} '{name}' {run}"
                 if not figures_tables.has_record(run):
-                    problems.append(f"{where}: counted, no committed record")
+                    problems.append(f"{where}: counted, no record")
                     continue
+                rel = os.path.relpath(figures_tables.at(run), ROOT)
+                if files is not None and any(os.path.join(rel, f) not in files for f in RECORD):
+                    problems.append(f"{where}: its record ({', '.join(RECORD)}) is not all "
+                                    "committed")
                 nn, lp = read_eval(figures_tables.at(run))
                 if (row["nn"]["values"][i], row["lp"]["values"][i]) != (nn, lp):
                     problems.append(f"{where}: the figure says NN / LP "
