@@ -229,6 +229,8 @@ def fig_tables(args):
     for folder in folders:
         print(f"== {folder}")
         figures_tables.render(folder)
+    for folder in figures_tables.figure_folders(args.out, known=False):
+        print(f"note: {folder} is no figure figures_tables.py renders; left as it is")
 
 
 FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare,

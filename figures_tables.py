@@ -298,7 +298,16 @@ def render(folder, manifest=None, quiet=False):
     return text
 
 
-def figure_folders(out):
-    """Every figure folder under ``out`` (figs/<dataset>/<figure>/ with a results.json)."""
-    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(out, "*", "*",
-                                                                     "results.json")))
+def figure_folders(out, known=True):
+    """Every figure folder under ``out`` (figs/<dataset>/<figure>/ with a results.json) of a
+    kind this file renders (``known``), or of none (``known=False``)."""
+    folders = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(out, "*", "*",
+                                                                       "results.json")))
+    return [f for f in folders if is_figure(f) == known]
+
+
+def is_figure(folder):
+    try:
+        return bool(kind_of(folder))
+    except ValueError:
+        return False
