@@ -261,9 +261,9 @@ def augment_batch(images, recipe, params):
 #
 # All the draws are made on the host (draw_params), so the host knows, without reading anything
 # back from the device, which images take which op in which round. ``colour_plan`` lists those
-# steps; ``apply_colour`` sends the steps' image indices and parameters to the images' device in
-# one copy, then runs each op once on its images only (index_select → op → index_copy_): an image
-# whose coin did not come up costs nothing. ColorJitter's random order is four rounds, round j
+# steps; ``apply_colour`` sends the steps' image indices and parameters to the images' device
+# in one copy, then runs each op once on its images only (index_select → op → index_copy_): an
+# image whose coin did not come up costs nothing. ColorJitter's random order is four rounds, round j
 # applying to each jittered image the op at position j of its order; an image takes exactly one
 # op a round, so the jitter is 4 ops an image, not 16 (every op on every image, the rest thrown
 # away: 3–5× slower at 224 px, bench.py --section colour).
