@@ -118,7 +118,8 @@ class ViewDataset(Dataset):
 
     ``colour_on="device"`` leaves the colour ops to the training device: each view is then a
     pair (uint8 crop after crop and flip, its packed colour draws), which
-    ``augment.to_model`` finishes where the model runs (train.py --augment-on device)."""
+    ``augment.to_model`` finishes where the model runs (train.py --augment-on device): the
+    crops go to the device, the draws stay on the host, which plans the ops from them."""
 
     def __init__(self, base, recipes, seed=0, batched=True, colour_on="loader"):
         if colour_on not in ("loader", "device"):
