@@ -342,6 +342,8 @@ def apply_colour(x, packed):
         raise ValueError(f"packed colour draws of shape {tuple(packed.shape)}, expected "
                          f"({len(x)}, 13) for {len(x)} views")
     plan = colour_plan(packed)
+    if not plan:                                          # no coin came up: nothing to send
+        return x
     indices = [b for _, sel, _ in plan for b in sel or []]
     sent = _to_device(indices + [v for _, _, values in plan for v in values or []], x.device)
     index, values = sent[:len(indices)].long(), sent[len(indices):]            # views of one copy
