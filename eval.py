@@ -2,7 +2,9 @@
 
 It loads our checkpoints and, through the timm / DINO / MoCo-v3 key layout of vit.py,
 published ones; the data set, image size and seed default to the checkpoint's training
-arguments, so NN reproduces the k-NN train.py logged. Usage::
+arguments, so NN reproduces the k-NN train.py logged. Files are read as data
+(checkpoint.load): one that would run code when unpickled is refused unless
+--trust-checkpoint. Usage::
 
     python eval.py runs/moco/last.pt                      # NN and LP (the default)
     python eval.py runs/moco/last.pt --finetune --out results.json
