@@ -198,17 +198,21 @@ class BackgroundWriter:
 # (os.system, ...) as it loads. A checkpoint from the internet, or from a folder others can
 # write to, must not run code as whoever reads it. So every checkpoint is read by torch's
 # restricted unpickler (weights_only=True): tensors, dicts, lists, tuples, numbers, strings,
-# and the few plain types below — all that ours and the published ones hold.
+# and the few plain types below — all that ours (older ones included) and the published ones
+# hold.
 _RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
 ALLOWED = [
     argparse.Namespace,           # the arguments saved by DINO, DeiT and timm's train.py
-    np.ndarray, np.dtype, type(np.dtype(np.uint32)),  # numpy's RNG state (rng_state): a
-    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),  # uint32 array (624,), built by
-    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),   # this function (numpy 1.x's name)
+    # numpy's RNG state as checkpoints before plain-number states held it (rng_state): a
+    # uint32 array (624,), built by _reconstruct, which numpy < 2.1 names numpy.core...
+    np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
 ]
 # How torch's restricted unpickler names what it refused to build: a global (a class or a
 # function), an object of a type, or a function it would call.
-_REFUSED = re.compile(r"GLOBAL (\S+)|but got <class '([^']+)'>|unrecognized function (\S+)")
+_REFUSED = re.compile(r"GLOBAL (\S+)|but got <class '([^']+)'>"
+                      r"|unrecognized function (<[^>]*>|\S+)")
 
 
 class BadCheckpoint(ValueError):
@@ -274,17 +278,23 @@ def seed_all(seed, rank):
 def rng_state():
     """This rank's RNG streams: torch's CPU one, numpy's, Python's and, on a GPU, the one of
     this rank's own device (the current one), not every visible device's: a resume on a node
-    that shows another number of devices (or one per process) restores it all the same."""
+    that shows another number of devices (or one per process) restores it all the same.
+    numpy's (MT19937: a key of 624 uint32, a position, a cached Gaussian) is kept as plain
+    numbers, its key a list of ints: a checkpoint then holds nothing but tensors and plain
+    values, and loads with torch.load's defaults anywhere (``load`` allows an array for the
+    checkpoints written before)."""
     on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state() if on_gpu else None)
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=(name, key.tolist(), pos, has_gauss, gauss),
+                python=random.getstate(), cuda=torch.cuda.get_rng_state() if on_gpu else None)
 
 
 def set_rng_state(s):
     """Put back ``rng_state()``. Checkpoints written before it kept one state per visible GPU
     (a list): the entry of this rank's device is taken when there is one."""
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, key, *rest = s["numpy"]                       # key: a list, or an array (before)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(s["python"])
     cuda = s["cuda"]
     if isinstance(cuda, (list, tuple)):        # one per GPU the writing rank saw: its own was

@@ -8,8 +8,8 @@ real train.py checkpoint whose checksum matches what a full unpickling gives. ev
 function it would call and ``--trust-checkpoint``, and the marker never appears; with the
 opt-in it loads, the marker appears (its code did run), and the resume is still bitwise. Our
 own checkpoints (every method; DINO with local crops, SimCLR with --accel auto; all written
-by the background writer) and files in the published DINO, MoCo-v3 and timm layouts load
-without it.
+by the background writer), those written before (numpy arrays in the RNG state) and files in
+the published DINO, MoCo-v3 and timm layouts load without it.
 """
 import argparse
 import hashlib
@@ -88,38 +88,53 @@ def runs(tmp_path_factory):
 
 # ====================================================== ours and the published layouts load
 def test_every_checkpoint_of_every_method_loads_as_data_without_the_opt_in(runs):
-    """Each file names no global beyond the allow-list (the numpy RNG state's array type),
-    passes its checksum after the restricted load, and gives its backbone; the allow-list
-    is the loader's alone (nothing registered for other torch.load's)."""
-    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
-               for g in checkpoint.ALLOWED}
+    """Each file names no class or function at all (tensors and plain values only: even
+    torch.load's defaults read it), passes its checksum after the restricted load, and gives
+    its backbone."""
     for name, out in runs.items():
         files = sorted(p for p in os.listdir(out) if p.endswith(".pt"))
         assert {"last.pt", "last-1.pt", "ckpt_0.pt", "ckpt_100.pt"} <= set(files), files
         for f in files:
-            named = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(out / f)))
-            assert named <= allowed, (name, f, named - allowed)
+            assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out / f)) == [], f
             ckpt = checkpoint.load_checked(out / f)
             assert ckpt["args"]["method"] == name and len(ckpt["rng"][0]["numpy"][1]) == 624
         backbone, info = checkpoint.load_backbone(str(out / "last.pt"))
         assert info["format"] == "accel-ssl" and info["args"]["method"] == name
-    with pytest.raises(pickle.UnpicklingError, match="numpy"):
-        torch.load(runs["moco"] / "last.pt", weights_only=True)      # numpy: not outside it
     assert checkpoint.load(runs["simclr"] / "last.pt")["state"]["auto"]        # a probe ran
 
 
-def test_a_checkpoint_written_with_numpy_1_still_loads(runs, tmp_path):
-    """numpy 1.x names the function that rebuilds an array numpy.core.multiarray._reconstruct
-    (numpy 2: numpy._core...): a checkpoint written before either still resumes. Made here by
-    renaming it in the pickle (the legacy, uncompressed format keeps the bytes in the open)."""
-    ckpt = checkpoint.load(runs["moco"] / "last.pt")
+def as_written_before(src, dst):
+    """``src`` as the code before plain-number RNG states wrote it (numpy's state as
+    np.random.get_state() gives it: a uint32 array) and as numpy < 2.1 names the function that
+    rebuilds an array (numpy.core.multiarray._reconstruct; since: numpy._core...), the rename
+    done in the pickle's bytes (torch's legacy format keeps them in the open)."""
+    ckpt = checkpoint.load(src)
+    del ckpt["checksum"]
+    for s in ckpt["rng"]:
+        name, key, *rest = s["numpy"]
+        s["numpy"] = (name, np.array(key, dtype=np.uint32), *rest)
     buffer = io.BytesIO()
-    torch.save(ckpt, buffer, _use_new_zipfile_serialization=False)
+    torch.save({**ckpt, "checksum": checkpoint.checksum(ckpt)}, buffer,
+               _use_new_zipfile_serialization=False)
     new, old = b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct"
     assert new in buffer.getvalue()
-    (tmp_path / "old.pt").write_bytes(buffer.getvalue().replace(new, old))
-    loaded = checkpoint.load_checked(tmp_path / "old.pt")             # the checksum agrees
-    assert np.array_equal(loaded["rng"][0]["numpy"][1], ckpt["rng"][0]["numpy"][1])
+    dst.write_bytes(buffer.getvalue().replace(new, old))
+
+
+def test_a_checkpoint_written_before_still_resumes_bitwise(runs, tmp_path):
+    """Half-way through the DINO run (dropout, local crops: the RNG streams matter), as the
+    code before wrote it: it loads under the allow-list, passes its checksum and resumes to
+    the uninterrupted run's weights, bitwise. The allow-list stays the loader's: a plain
+    weights-only torch.load still refuses the array."""
+    run = tmp_path / "run"
+    run.mkdir()
+    as_written_before(runs["dino"] / "ckpt_50.pt", run / "last.pt")
+    assert isinstance(checkpoint.load_checked(run / "last.pt")["rng"][0]["numpy"][1], np.ndarray)
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(run / "last.pt", weights_only=True)
+    run_in_process([*TINY, *RUNS["dino"], "--out", str(run), "--resume"])
+    assert_bitwise_equal(checkpoint.load(runs["dino"] / "last.pt"),
+                         checkpoint.load(run / "last.pt"))
 
 
 def test_published_dino_moco_v3_and_timm_files_load_without_the_opt_in(tmp_path):
@@ -232,4 +247,5 @@ def test_a_resume_refuses_a_payload_touching_nothing_and_with_the_opt_in_ends_bi
     os.remove(run / "last-1.pt")
     run_in_process([*args, "--trust-checkpoint"])
     assert os.path.isdir(marker)
-    assert_bitwise_equal(checkpoint.load(runs["dino"] / "last.pt"), checkpoint.load(run / "last.pt"))
+    assert_bitwise_equal(checkpoint.load(runs["dino"] / "last.pt"),
+                         checkpoint.load(run / "last.pt"))
