@@ -10,13 +10,14 @@ resume with other settings, or into a model of another shape, is refused with ev
 difference listed — never a silent partial load; the RNG streams of every rank are saved and
 restored, so a resumed run ends with the weights of an uninterrupted one. It also reads
 backbones out of published checkpoints (timm, DINO, MoCo-v3) for evaluation, through vit.py's
-key layout.
+key layout. Every checkpoint is read by ``load``: tensors and a few plain types only, never
+code — a file that needs more is refused unless its reader trusts it (``--trust-checkpoint``).
 
-    from checkpoint import save_checkpoint, load_checked, state_dict_mismatch, load_backbone
+    from checkpoint import save_checkpoint, load, load_checked, state_dict_mismatch, load_backbone
     backbone, info = load_backbone("dino_deitsmall16_pretrain.pth", model="small")  # any layout
     save_checkpoint({"step": 1}, "runs/x/last.pt", keep=2)  # .tmp, fsync, last-1.pt, rename
-    load_checked("runs/x/last.pt")                          # BadCheckpoint if damaged
-    state_dict_mismatch(model, torch.load("other.pt"))   # ['  blocks.0.attn.qkv.weight: ...']
+    load_checked("runs/x/last.pt")          # BadCheckpoint if damaged, UntrustedCheckpoint if
+    state_dict_mismatch(model, load("other.pt"))    # it holds code; ['  blocks.0.attn...: ...']
 """
 import argparse
 import contextlib
@@ -25,9 +26,9 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import shutil
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -192,15 +193,72 @@ class BackgroundWriter:
         return tag, error
 
 
+# ==================================================== reading: tensors and plain types only
+# A pickle is a program: unpickled fully, a file runs whatever function its __reduce__ names
+# (os.system, ...) as it loads. A checkpoint from the internet, or from a folder others can
+# write to, must not run code as whoever reads it. So every checkpoint is read by torch's
+# restricted unpickler (weights_only=True): tensors, dicts, lists, tuples, numbers, strings,
+# and the few plain types below — all that ours (older ones included) and the published ones
+# hold.
+_RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+ALLOWED = [
+    argparse.Namespace,           # the arguments saved by DINO, DeiT and timm's train.py
+    # numpy's RNG state as checkpoints before plain-number states held it (rng_state): a
+    # uint32 array (624,), built by _reconstruct, which numpy < 2.1 names numpy.core...
+    np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+]
+# How torch's restricted unpickler names what it refused to build: a global (a class or a
+# function), an object of a type, or a function it would call.
+_REFUSED = re.compile(r"GLOBAL (\S+)|but got <class '([^']+)'>"
+                      r"|unrecognized function (<[^>]*>|\S+)")
+
+
 class BadCheckpoint(ValueError):
     """A checkpoint file that cannot be read, or whose content fails its checksum."""
 
 
-def load_checked(path):
-    """torch.load of one of our checkpoints, its checksum verified (files written before
-    checkpoints carried one are read unchecked). Raises BadCheckpoint saying what is wrong."""
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint that needs more than tensors and ``ALLOWED`` to load: unpickling it would
+    build ``needs`` (a class or function its pickle names), which could run code. Refused,
+    naming the file, ``needs`` and the opt-in."""
+
+    def __init__(self, path, needs):
+        self.path, self.needs = path, needs
+        super().__init__(
+            f"{path} refused: loading it would build {needs}, which is neither a tensor nor one "
+            "of the plain types a checkpoint holds, and unpickling it could run code from the "
+            "file; if you trust where the file comes from, pass --trust-checkpoint to load it "
+            "fully")
+
+
+def load(path, trust=False):
+    """A checkpoint file's content, on the CPU, unpickling only tensors and ``ALLOWED``.
+
+    Raises UntrustedCheckpoint if it needs more, unless ``trust`` (--trust-checkpoint): then
+    it is unpickled fully, whatever it runs. Any other failure (a damaged or foreign file) is
+    torch's own error. The allow-list holds for this call only, not for other torch.load's."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(ALLOWED):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED.search(str(e))
+        if refused is None:                     # not a refusal: a file damaged or not a pickle
+            raise
+        raise UntrustedCheckpoint(path, next(g for g in refused.groups() if g)) from None
+
+
+def load_checked(path, trust=False):
+    """``load`` of one of our checkpoints, then its checksum verified (files written before
+    checkpoints carried one are read unchecked). Raises BadCheckpoint saying what is wrong,
+    UntrustedCheckpoint for a file that needs ``trust``."""
+    try:
+        ckpt = load(path, trust)
+    except UntrustedCheckpoint:
+        raise
     except Exception as e:                   # truncated, corrupt, or not a torch file at all
         raise BadCheckpoint(f"unreadable ({type(e).__name__}: {str(e)[:160]})") from None
     if isinstance(ckpt, dict) and "checksum" in ckpt:
@@ -220,17 +278,23 @@ def seed_all(seed, rank):
 def rng_state():
     """This rank's RNG streams: torch's CPU one, numpy's, Python's and, on a GPU, the one of
     this rank's own device (the current one), not every visible device's: a resume on a node
-    that shows another number of devices (or one per process) restores it all the same."""
+    that shows another number of devices (or one per process) restores it all the same.
+    numpy's (MT19937: a key of 624 uint32, a position, a cached Gaussian) is kept as plain
+    numbers, its key a list of ints: a checkpoint then holds nothing but tensors and plain
+    values, and loads with torch.load's defaults anywhere (``load`` allows an array for the
+    checkpoints written before)."""
     on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state() if on_gpu else None)
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=(name, key.tolist(), pos, has_gauss, gauss),
+                python=random.getstate(), cuda=torch.cuda.get_rng_state() if on_gpu else None)
 
 
 def set_rng_state(s):
     """Put back ``rng_state()``. Checkpoints written before it kept one state per visible GPU
     (a list): the entry of this rank's device is taken when there is one."""
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, key, *rest = s["numpy"]                       # key: a list, or an array (before)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(s["python"])
     cuda = s["cuda"]
     if isinstance(cuda, (list, tuple)):        # one per GPU the writing rank saw: its own was
@@ -284,11 +348,14 @@ def read_resumable(paths, args, accel):
     → (path, checkpoint). Every one skipped is named with what is wrong with it and set aside
     as ``<name>.bad`` (so that no later rotation keeps it in place of a good one); if none is
     good, the run stops rather than start from scratch over a run it cannot read, and touches
-    nothing."""
+    nothing. One that would run code (UntrustedCheckpoint) stops the run too: not damage, but
+    a file someone put there, and an older checkpoint beside it is no safer."""
     failures = []
     for path in paths:
         try:
-            ckpt = load_checked(path)
+            ckpt = load_checked(path, args.trust_checkpoint)
+        except UntrustedCheckpoint as e:
+            raise SystemExit(f"error: cannot resume: {e}") from None
         except BadCheckpoint as e:
             failures.append(f"{path}: {e}")
             print(f"warning: cannot resume from {path}: {e}"
@@ -356,26 +423,6 @@ def restore(ckpt, path, args, backbone, method, optimizer):
 
 
 # ============================================= backbones from ours and published checkpoints
-def _torch_load(path):
-    """torch.load without running arbitrary code when possible: weights_only=True, allowing
-    DINO's argparse.Namespace and the numpy RNG state train.py saves. Files that need full
-    unpickling load with a warning."""
-    core = getattr(np, "_core", None) or np.core
-    allowed = [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-               core.multiarray._reconstruct]
-    safe = getattr(torch.serialization, "safe_globals", None)
-    try:
-        with safe(allowed) if safe else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        warnings.warn(f"{path}: not loadable with weights_only=True ({str(err)[:120]}...); "
-                      "unpickling it fully — do this only for files you trust")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from err
-
-
 def check_state_dict(model, state_dict):
     """Raise a ValueError listing every missing / unexpected key and shape mismatch, if any."""
     problems = state_dict_mismatch(model, state_dict, limit=200)   # a backbone: list them all
@@ -386,7 +433,7 @@ def check_state_dict(model, state_dict):
              "  (check --model and --img-size: pos_embed holds (img_size/patch_size)²+1 rows)"]))
 
 
-def load_backbone(path, model=None, img_size=None, branch="auto"):
+def load_backbone(path, model=None, img_size=None, branch="auto", trust=False):
     """(backbone, info) from one of our checkpoints or any checkpoint in the interop layout.
 
     Ours carry ``vit_config``, so the ViT is rebuilt from it and ``model`` / ``img_size`` are
@@ -394,10 +441,17 @@ def load_backbone(path, model=None, img_size=None, branch="auto"):
     vit.PRESETS, or a dict of ViT kwargs) builds the ViT, with ``img_size`` overriding the
     preset's. The load is strict: any mismatch raises, listing the offending keys and shapes.
     ``branch`` "auto" picks the weights the method's paper evaluates (DINO: the teacher).
+    The file is read by ``load`` (UntrustedCheckpoint unless ``trust``, if it holds more than
+    weights and plain types).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
-    ckpt = _torch_load(path)
+    try:
+        ckpt = load(path, trust)
+    except UntrustedCheckpoint:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
     if branch == "auto":                 # DINO reports its teacher; MoCo-v3 its base encoder

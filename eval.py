@@ -2,7 +2,9 @@
 
 It loads our checkpoints and, through the timm / DINO / MoCo-v3 key layout of vit.py,
 published ones; the data set, image size and seed default to the checkpoint's training
-arguments, so NN reproduces the k-NN train.py logged. Usage::
+arguments, so NN reproduces the k-NN train.py logged. Files are read as data
+(checkpoint.load): one that would run code when unpickled is refused unless
+--trust-checkpoint. Usage::
 
     python eval.py runs/moco/last.pt                      # NN and LP (the default)
     python eval.py runs/moco/last.pt --finetune --out results.json
@@ -13,7 +15,6 @@ arguments, so NN reproduces the k-NN train.py logged. Usage::
 import argparse
 import json
 import os
-import pickle
 import time
 
 import torch
@@ -40,6 +41,10 @@ def parse_args(argv=None):
                         "architecture) instead of trained weights")
     p.add_argument("--model", help=f"ViT preset ({', '.join(vit.PRESETS)}) for checkpoints "
                                    "without 'vit_config' and for --random-init")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that holds more than tensors and plain types by "
+                        "unpickling it fully, which runs any code it carries: only a file "
+                        "you trust (without it such a file is refused)")
     p.add_argument("--branch", default="auto", choices=("auto", "online", "target"),
                    help="online (student / base encoder) or target (teacher / momentum) weights; "
                         "auto: what each method's paper reports — DINO's teacher, else online")
@@ -100,14 +105,14 @@ def _backbone(args):
     backbone, info = None, dict(path=args.checkpoint, args=None)
     try:
         if args.checkpoint is not None:
-            backbone, info = load_backbone(args.checkpoint, args.model, args.img_size, args.branch)
+            backbone, info = load_backbone(args.checkpoint, args.model, args.img_size, args.branch,
+                                           trust=args.trust_checkpoint)
         if args.random_init:
             config = info.get("config") or vit.build_vit(
                 args.model, **({} if args.img_size is None else {"img_size": args.img_size})).config()
             torch.manual_seed(args.seed)
             backbone, info = vit.ViT(**config), {**info, "format": "random-init", "config": config}
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError,
-            EOFError) as err:
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         raise SystemExit(f"eval.py: error: {err}")
     return backbone, info
 

@@ -240,6 +240,10 @@ def _add_output_flags(ap):
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/last.pt if it exists (else start fresh: safe for "
                          "torchrun --max-restarts)")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="--resume from a checkpoint that holds more than tensors and plain "
+                         "types by unpickling it fully, which runs any code it carries: only a "
+                         "file you trust (without it such a file is refused)")
     ap.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     ap.add_argument("--seed", type=int, default=0, help="each rank uses seed + rank for dropout")
     ap.add_argument("--workers", type=int, default=0,

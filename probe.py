@@ -42,6 +42,7 @@ import torch
 
 import options
 from augment import normalize
+from checkpoint import BadCheckpoint, UntrustedCheckpoint, load_checked
 from compress import NONE, local_crops
 from distributed import all_reduce_mean, rank_world
 from plots import save_heatmaps
@@ -267,7 +268,12 @@ def probe_checkpoint(args):
     """probe() of ``args.grid`` at a train.py checkpoint, the run rebuilt from its flags."""
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"error: --ckpt {args.ckpt}: no such checkpoint")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    try:
+        ckpt = load_checked(args.ckpt, args.trust_checkpoint)     # weights only, checksum
+    except UntrustedCheckpoint as e:
+        raise SystemExit(f"error: {e}") from None
+    except BadCheckpoint as e:
+        raise SystemExit(f"error: --ckpt {args.ckpt}: {e}") from None
     if "method" not in ckpt or "args" not in ckpt:
         raise SystemExit(f"error: {args.ckpt} is not a train.py checkpoint (no 'method'/'args')")
     targs = checkpoint_args(ckpt["args"])
@@ -299,6 +305,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="bias², cost-adjusted variance and CA-MSE of "
                                  "compression strategies at a train.py checkpoint (paper §5)")
     ap.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. runs/simclr/ckpt_25.pt")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load a checkpoint that holds more than tensors and plain types by "
+                         "unpickling it fully, which runs any code it carries: only a file you "
+                         "trust (without it such a file is refused)")
     ap.add_argument("--grid", default="drop=0,0.25,0.5,0.75 patch=4,6,8",
                     help="strategies: drop=…, patch=…, roles=paper|q|qk, views=2,4 (product of "
                          "the lists; views unset = the run's own)")

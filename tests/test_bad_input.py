@@ -92,7 +92,7 @@ def test_a_folder_with_corrupt_and_odd_images_trains_and_counts_what_it_skipped(
     assert "warning: 2 unreadable training image(s) were skipped" in text, text
     summary = text[text.index("warning: 2 unreadable"):]
     assert "truncated.jpg" in summary and "corrupt.png" in summary
-    bad = torch.load(out / "last.pt", weights_only=False)["state"]["bad_files"]
+    bad = checkpoint.load(out / "last.pt")["state"]["bad_files"]
     assert sorted(os.path.basename(p) for p in bad) == ["corrupt.png", "truncated.jpg"]
 
 
@@ -230,7 +230,7 @@ def test_resuming_from_a_checkpoint_of_another_model_lists_what_differs(
     run.mkdir()
     for name in ("last.pt", "log.jsonl"):
         (run / name).write_bytes((src / name).read_bytes())
-    named = _doctor(kind, torch.load(run / "last.pt", weights_only=False), run / "last.pt")
+    named = _doctor(kind, checkpoint.load(run / "last.pt"), run / "last.pt")
     before = [digest(run / "last.pt"), digest(run / "log.jsonl")]
     code, text, _ = run_main([*args[:-1], str(run), "--resume"])
     assert code != 0 and str(run / "last.pt") in text, text
@@ -279,8 +279,8 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
     last_saves = [s for s in saves if s[0] == "last.pt"]
     assert [s[1] for s in last_saves] == [1, 2]
     assert digest(out / "last.pt") == last_saves[-1][2]
-    assert all(torch.isfinite(t).all() for t in torch.load(
-        out / "last.pt", weights_only=False)["method"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in checkpoint.load(
+        out / "last.pt")["method"].values() if t.is_floating_point())
     # a restart (torchrun --max-restarts, or by hand) would replay the same steps: refused
     monkeypatch.setattr(methods.MoCoV3, "forward", forward)
     code, again, _ = run_main([*TINY, "--method", "moco", "--budget", "1k", "--out", str(out),

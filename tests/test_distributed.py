@@ -38,6 +38,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
+
 METHODS = ("simclr", "moco", "dino", "multiview")
 N, WORLD, IMG = 8, 2, 16                       # global batch, processes, image side
 
@@ -302,7 +304,7 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint_and_changes_nothing(
     finish(ref)
     out = finish(run)
     assert "resumed from" in out and "step 4," in out, out
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ref", "run"))
+    a, b = (checkpoint.load(tmp_path / d / "last.pt") for d in ("ref", "run"))
     assert a["state"]["step"] == b["state"]["step"] >= 8
     for part in ("method", "optimizer"):
         flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
@@ -328,12 +330,12 @@ def test_a_preempted_group_saves_one_step_exits_75_and_resumes_bitwise(tmp_path)
             break
     out = finish(run, status=1)
     marker = (tmp_path / "run" / "PREEMPTED").read_text()
-    step = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]["step"]
+    step = checkpoint.load(tmp_path / "run" / "last.pt")["state"]["step"]
     assert f"preempted by SIGTERM after step {step} " in marker and step >= 4, out
     resumed = finish(torchrun(["train.py", *args, "--out", str(tmp_path / "run"), "--resume"]))
     finish(ref)
     assert f"step {step}," in resumed
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ref", "run"))
+    a, b = (checkpoint.load(tmp_path / d / "last.pt") for d in ("ref", "run"))
     assert a["state"]["step"] == b["state"]["step"] > 2 * step
     for part in ("method", "optimizer"):
         flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
@@ -402,7 +404,7 @@ def test_under_measured_costs_every_rank_charges_rank_0s_prices_and_stops_at_the
     a, b = (json.loads((tmp_path / f"rank.{r}").read_text()) for r in range(WORLD))
     assert a["prices"] == b["prices"] and a["base"] == b["base"]
     assert len(a["prices"]) >= 4                    # backbone; online and target head; dropout
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
     assert a["steps"] == b["steps"] == ckpt["state"]["step"] >= 5   # (timed prices: fewer
     #                                                    steps when the machine is busy)
 
@@ -446,7 +448,7 @@ def test_knn_over_two_processes_equals_one_process(tmp_path):
     import protocols
     out = tmp_path / "knn.pt"
     finish(torchrun([os.path.abspath(__file__), "--knn", str(out)]))
-    two = torch.load(out, weights_only=False)
+    two = checkpoint.load(out)
     backbone, (bank, val) = _knn_model_and_sets()
     cpu = torch.device("cpu")
     feats, labels = protocols.extract_features(backbone, protocols.feature_loader(bank, 16), cpu)

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import augment  # noqa: E402
+import checkpoint  # noqa: E402
 from checkpoint import load_backbone  # noqa: E402
 import heads  # noqa: E402
 import losses  # noqa: E402
@@ -93,7 +94,7 @@ def test_dino_run_freezes_the_last_layer_clips_and_evaluates_the_teacher(tmp_pat
     out = str(tmp_path / "dino")
     train.main(["--method", "dino", "--budget", "3000", "--out", out, "--freeze-last-layer", "0.5",
                 "--ckpt-at", "0,0.25,1", "--out-dim", "32", *TINY])
-    ckpt = {p: torch.load(os.path.join(out, f"ckpt_{p}.pt"), weights_only=False) for p in (0, 25, 100)}
+    ckpt = {p: checkpoint.load(os.path.join(out, f"ckpt_{p}.pt")) for p in (0, 25, 100)}
     key = "head.last_layer.parametrizations.weight.original1"
     torch.testing.assert_close(ckpt[25]["method"][key], ckpt[0]["method"][key], rtol=0, atol=0)
     assert not torch.equal(ckpt[100]["method"][key], ckpt[0]["method"][key])
@@ -139,7 +140,7 @@ def test_moco_trains_with_a_frozen_patch_projection(tmp_path):
     out = str(tmp_path / "moco")
     train.main(["--method", "moco", "--budget", "600", "--out", out, "--ckpt-at", "0,1",
                 "--stop-grad-conv1", *TINY])
-    first, last = (torch.load(os.path.join(out, f"ckpt_{p}.pt"), weights_only=False) for p in (0, 100))
+    first, last = (checkpoint.load(os.path.join(out, f"ckpt_{p}.pt")) for p in (0, 100))
     assert first["args"]["stop_grad_conv1"]
     torch.testing.assert_close(vit.run_backbone(first, "online")["patch_embed.proj.weight"],
                                vit.run_backbone(last, "online")["patch_embed.proj.weight"], rtol=0, atol=0)

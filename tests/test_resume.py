@@ -86,7 +86,7 @@ def run_in_process(argv):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoint.load(path)
 
 
 def tensors(tree, prefix=""):

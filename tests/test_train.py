@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import schedule  # noqa: E402
 import vit  # noqa: E402
@@ -52,7 +53,7 @@ def units(cost, method, strategy):
 def run_cost(out):
     """The cost model the run in ``out`` was priced by: its backbone and its method's heads."""
     import methods
-    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(os.path.join(out, "last.pt"))
     backbone = vit.ViT(**ckpt["vit_config"])
     method = methods.build_method(ckpt["args"]["method"], backbone, **ckpt["method_kwargs"])
     return compress.CostModel(backbone, heads=method.cost_heads())
@@ -66,7 +67,7 @@ def test_each_method_trains_end_to_end(tmp_path, run, method):
     assert "k-NN top-1" in p.stdout and "done:" in p.stdout
     for name in ("last.pt", "ckpt_0.pt", "ckpt_25.pt", "ckpt_50.pt", "ckpt_75.pt", "ckpt_100.pt", "log.jsonl"):
         assert os.path.isfile(os.path.join(out, name)), name
-    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(os.path.join(out, "last.pt"))
     assert ckpt["state"]["spent"] >= 800
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert all(map(torch.isfinite, torch.tensor(losses)))
@@ -174,7 +175,7 @@ def test_accel_auto_probes_at_its_points_and_charges_the_probes_to_the_budget(tm
             spent += 16 * units(cost, "simclr", r["strategy"])
             assert r["units"] == pytest.approx(spent)
     assert [c[0] for c in chosen][0] == 0 and len(chosen) == 2 and chosen[1][0] > 0
-    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(os.path.join(out, "last.pt"))
     assert [a["start"] for a in ckpt["state"]["auto"]] == [0.0, 0.5]
     assert ckpt["state"]["spent"] == pytest.approx(spent) and spent >= 3000
     assert os.path.isfile(os.path.join(out, "probe_0.json"))
