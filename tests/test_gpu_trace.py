@@ -43,11 +43,13 @@ READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "allcl
 class HostTraffic(TorchDispatchMode):
     """Every op that mixes a CPU tensor into ``device`` ops, copies one there, or reads a
     value back: ``found`` lists (op, shapes). A read gets a placeholder answer, so the trace
-    goes on and names every offender, not only the first."""
+    goes on and names every offender, not only the first. With ``batches``, a non-blocking
+    copy to the device is a batch crossing from the loader's pinned memory: listed in
+    ``crossed``, not ``found``."""
 
-    def __init__(self, device):
+    def __init__(self, device, batches=False):
         super().__init__()
-        self.device, self.found, self.ops = device, [], 0
+        self.device, self.batches, self.found, self.crossed, self.ops = device, batches, [], [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -66,7 +68,12 @@ class HostTraffic(TorchDispatchMode):
             if isinstance(src, torch.Tensor) and {src.device.type, dst.device.type} == \
                     {"cpu", self.device}:
                 way = "to the host" if dst.device.type == "cpu" else "from the host"
-                self.found.append((name, f"{tuple(src.shape)} copied {way}"))
+                asynchronous = kwargs.get("non_blocking") if name == "_to_copy" else \
+                    (args[2] if len(args) > 2 else kwargs.get("non_blocking"))
+                if self.batches and asynchronous and dst.device.type == self.device:
+                    self.crossed.append(tuple(src.shape))
+                else:
+                    self.found.append((name, f"{tuple(src.shape)} copied {way}"))
         return out
 
 
@@ -135,6 +142,26 @@ def test_the_backward_copies_nothing_from_or_to_the_host(name):
         with traffic:
             loss.backward()
     assert traffic.ops > 50 and traffic.found == [], (name, traffic.found)
+
+
+def test_a_batch_of_views_crosses_once_and_its_colour_ops_run_on_the_device():
+    """train_step's input: the loader's uint8 crops and packed colour draws (``--augment-on
+    device``) cross as non-blocking copies of the pinned batch, and nothing else does."""
+    import augment
+    import data
+    images = data.build_dataset("embedded", split="train", img_size=16, size=8)
+    views = data.ViewDataset(images, augment.build_views("simclr", 16), seed=0,
+                             colour_on="device")
+    batch = torch.utils.data.default_collate([views[i] for i in range(8)])[0]   # 2 × (crops,
+    mode = FakeTensorMode()                                                      # draws)
+    batch = [[mode.from_tensor(t) for t in view] for view in batch]
+    with mode:
+        for step in range(2):                          # the first makes the normalisers
+            traffic = HostTraffic("cuda", batches=True)
+            with traffic:
+                out = [augment.to_model(view, "cuda") for view in batch]
+    assert out[0].device.type == "cuda" and out[0].dtype == torch.float32
+    assert traffic.found == [] and len(traffic.crossed) == 4, (traffic.found, traffic.crossed)
 
 
 def test_the_recorder_sees_a_scalar_index_put_a_host_tensor_and_a_read():
