@@ -177,3 +177,27 @@ def test_the_recorder_sees_a_scalar_index_put_a_host_tensor_and_a_read():
     names = [name for name, _ in traffic.found]
     assert names[:1] == ["index_put_"] and "_to_copy" in names, traffic.found
     assert "_local_scalar_dense" in names, traffic.found
+
+
+class Casts(TorchDispatchMode):
+    """The dtypes that ``_to_copy`` casts to inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy":
+            self.dtypes.append((kwargs or {}).get("dtype"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_patch_kernel_is_resized_in_full_precision_under_autocast():
+    """The (p², p0²) pseudo-inverse map is not cast to bf16 on every forward: the resized
+    kernel comes out in the weights' float32 and equals the resize without autocast."""
+    embed = vit.PatchEmbed(4, 3, 8)
+    plain = embed.kernel(8)                                   # (fills the map's cache)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+        under_autocast = embed.kernel(8)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, plain)
+    assert torch.bfloat16 not in casts.dtypes, casts.dtypes
