@@ -24,9 +24,9 @@ under autocast in float32 because bf16's 8 significant bits put ~1 % into their 
 Where the step is bf16 the card has TF32 tensor cores, and those islands' matmuls run in TF32
 (``use_tf32``): 11 significant bits, float32's range and accumulation. Emulated on the CPU
 (tests/test_precision.py), with the operands truncated to TF32 (the worse of the two
-roundings), the error of the gradient is 0.07 % for NT-Xent and 0.2 % for DINO (its teacher
-divides by 0.04), against 0.5 % and 0.55 % with bf16 matmuls; rounded to nearest, 0.05 % and
-0.04 %, fp16's precision, in which the official codes computed their heads. Strict float32
+roundings), the error of the gradient is 0.05 % for NT-Xent and 0.2 % for DINO (its teacher
+divides by 0.04), against 0.45 % and 0.9 % with bf16 matmuls; rounded to nearest, 0.05 % for
+both: fp16's precision, in which the official codes computed their heads. Strict float32
 would cost more than that is worth: DINO's 65536-prototype layer is ~1 % of a ViT-S/16 step's
 FLOPs (2 global + 8 local crops), but at an H100's peak rates it would take ~12 % of the step
 in float32 (67 TFLOPS), ~2 % in TF32 (495). The flag is process-wide (the backward runs
