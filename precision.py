@@ -10,8 +10,8 @@ the device (run.py, train.py, protocols.py ask here; nothing else picks a dtype)
   convolutions, matmuls and SDPA's fused kernels fall off their fast paths.
 * **fp16 with a loss scale on 7.x** (V100 7.0, T4 7.5): fp16 is their only tensor-core format
   (125 and 65 TFLOPS against 15.7 and 8.1 in float32), so float32 would run 8× below the
-  card; and fp16 with a GradScaler is what the official DINO and MoCo-v3 trained in, on
-  V100s. The price is fp16's range: the loss is multiplied by a scale s before the backward
+  card; and fp16 with a GradScaler is what the official DINO and MoCo-v3 code train in (DINO
+  on V100s). The price is fp16's range: the loss is multiplied by a scale s before the backward
   (gradients that would underflow in fp16 survive), divided out before clipping and AdamW,
   and a step whose gradients overflow is skipped while s halves (``torch.amp.GradScaler``).
   The scale is part of a run's state: checkpoints save it, a resume restores it.
@@ -33,10 +33,13 @@ in float32 (67 TFLOPS), ~2 % in TF32 (495). The flag is process-wide (the backwa
 outside any context), so every float32 matmul of a training process is TF32, the k-NN
 similarities of its evaluations included (eval.py's are float32).
 
-    p = precision_for((7, 5))              # "fp16": a T4
-    with autocast(device, p):
-        loss = model(x)
-    scaler = loss_scaler(device, p)        # a GradScaler for fp16, a passthrough otherwise
+    import torch, precision
+    p = precision.precision_for((7, 5))             # "fp16": a T4
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with precision.autocast("cpu", p):              # on a GPU, its device
+        loss = model(torch.randn(8, 4)).float().pow(2).mean()
+    scaler = precision.loss_scaler("cpu", p)        # a GradScaler for fp16, else a passthrough
     scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
 """
 import contextlib
