@@ -45,7 +45,10 @@ def setup_distributed(device_arg, timeout_minutes=30.0):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=nccl_timeout(timeout))
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
         global _CPU_GROUP           # small CPU messages beside nccl (every rank creates it)
         _CPU_GROUP = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" \
             else None
@@ -57,6 +60,21 @@ def setup_distributed(device_arg, timeout_minutes=30.0):
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone (or --rdzv-backend=c10d) "
               "... so that every restart gets a fresh one", flush=True)
     return rank, world, device
+
+
+NCCL_MARGIN = datetime.timedelta(minutes=2)
+
+
+def nccl_timeout(timeout):
+    """NCCL's timeout: the gloo group's ``timeout`` plus NCCL_MARGIN.
+
+    A hung rank is meant to be caught by the gloo all-reduce after every step (train.py), which
+    raises, so that ``lost_rank`` names it and every rank exits 1. But the healthy ranks
+    queued the step's NCCL work (gathers, DDP's all-reduce) before they reached that gloo call,
+    and NCCL's watchdog counts from then: with equal timeouts it fires first and aborts the
+    process (SIGABRT), and the message and the clean exit never run. The margin covers a step
+    between the two, and lost_rank's teardown after gloo raises."""
+    return timeout + NCCL_MARGIN
 
 
 def local_device(local_rank, visible):

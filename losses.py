@@ -48,8 +48,9 @@ def nt_xent_multi(zs, temperature=0.2):
     idx = torch.arange(n, device=dev) + rank * n                      # our rows in a gathered view
     view = torch.arange(m, device=dev).repeat_interleave(n)           # (M·N,) anchor a's view
     image = idx.repeat(m)                                             # (M·N,) its global image
-    rows = torch.arange(m * n, device=dev)
-    logits[rows, view * n_g + image] = float("-inf")                  # b ≠ a: no self-similarity
+    # b ≠ a: anchor a's own column set to −∞. A scatter of a scalar, not ``logits[rows, cols] =
+    # -inf``: indexing turns the Python scalar into a CPU tensor, copied to the device every step
+    logits = logits.scatter(1, (view * n_g + image)[:, None], float("-inf"))
     log_prob = F.log_softmax(logits, dim=1)                           # log exp(s_ab/τ) / Σ_{b≠a}
     # P(a): the columns of the same image in the M−1 other views v+1, …, v+M−1 (mod M),
     # made on the device (a list turned into a tensor would be a host-to-device copy per step)

@@ -11,7 +11,6 @@ run (§6.1; its tables read "NN | LP | FT"), all on the class token after the fi
 
 The command line that runs them on a checkpoint is eval.py.
 """
-import contextlib
 import copy
 import math
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+import precision
 from augment import normalize
 from cluster import ignore_preemption_signals
 from distributed import gather_no_grad, rank_world
@@ -52,10 +52,8 @@ def model_input(images, device):
 
 
 def _autocast(device):
-    """bf16 autocast on CUDA (as in training); full precision on CPU, where bf16 is slow."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast as in training: bf16 or fp16 by the card, none on CPU (precision.py)."""
+    return precision.autocast(device, precision.device_precision(device))
 
 
 @torch.no_grad()
@@ -76,7 +74,7 @@ def extract_features(backbone, batches, device):
             with _autocast(device):
                 f = backbone(model_input(images, device))                  # (B, D)
             feats.append(f.float())
-            labels.append(torch.as_tensor(y).to(device))
+            labels.append(torch.as_tensor(y).to(device, non_blocking=True))   # pinned: no wait
     finally:
         backbone.train(was_training)
     if not feats:                                   # an empty share (fewer images than ranks)
@@ -309,7 +307,7 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
 
     Recipe (a short DeiT / MAE-style one, without mixup, drop-path or layer-wise LR decay):
     AdamW, linear warm-up for ``warmup_epochs`` then cosine to 0, weight decay on matrices only
-    (not on biases, norms, the class token or position embedding), bf16 autocast on CUDA.
+    (not on biases, norms, the class token or position embedding), autocast on CUDA as training's.
     The number reported is the validation top-1 after the last epoch (no early stopping on the
     validation set)."""
     encoder = copy.deepcopy(backbone).to(device).train()
@@ -323,19 +321,22 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
     g = torch.Generator().manual_seed(seed)
     loader = feature_loader(train_set, batch_size, num_workers, device, shuffle=True, generator=g)
     total, warm = epochs * len(loader), warmup_epochs * len(loader)
+    scaler = precision.loss_scaler(device, precision.device_precision(device))
     step = 0
     for _ in range(epochs):
         for images, labels in loader:
             for group in opt.param_groups:                  # warm-up, then cosine to 0
                 group["lr"] = learning_rate((step + 1) / total, lr, warmup=warm / total)
-            images, labels = model_input(images, device), torch.as_tensor(labels).to(device)
+            images = model_input(images, device)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
             if augment:
                 images = _augment(images, g)
             with _autocast(device):
                 loss = F.cross_entropy(head(encoder(images)).float(), labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()               # fp16 cards: a loss scale (precision.py)
+            scaler.step(opt)
+            scaler.update()
             step += 1
     feats, labels = dataset_features(encoder, val_set, device, batch_size, num_workers)
     with torch.no_grad():

@@ -23,6 +23,7 @@ import augment
 import compress
 import data
 import methods
+import precision
 import vit
 from schedule import StageSchedule, parse_grid
 
@@ -54,7 +55,8 @@ class Run:
     sampler: data.ResumableSampler = None
     loader: object = None
     knn_sets: tuple = None              # (bank, val) EvalDatasets
-    use_bf16: bool = False              # bf16 autocast (CUDA with bf16 support)
+    precision: str = "fp32"             # the step's: bf16 | fp16 | fp32 (precision.py)
+    scaler: torch.amp.GradScaler = None     # fp16's loss scale (a passthrough otherwise)
     watch: torch.Tensor = None          # the first non-finite loss, noted on the device
 
     @property
@@ -203,13 +205,14 @@ def build_run(args, device=torch.device("cpu"), rank=0, world=1, train=True):
     method, method_kwargs = build_method(args, backbone, device)
     recipes = view_recipes(args, backbone.img_size, views)
     local_size = recipes[-1].size if compress.local_crops(args.method, views) else None
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    step_precision = precision.device_precision(device)       # by the card, not by emulation
+    precision.use_tf32(step_precision)                        # the float32 islands' matmuls
     # --cost measured times what a step runs: this rank's batch, in the step's precision
     cost = compress.CostModel(backbone, args.cost, heads=method.cost_heads(),
                               batch=args.batch_size // world,
-                              dtype=torch.bfloat16 if use_bf16 else None)
+                              dtype=precision.DTYPES[step_precision])
     run = Run(args, device, rank, world, backbone, method, method_kwargs, accel, grid, views,
-              recipes, local_size, train_base, cost, use_bf16=use_bf16)
+              recipes, local_size, train_base, cost, precision=step_precision)
     if train:
         build_training(run)
     return run
@@ -235,6 +238,7 @@ def build_training(run):
     run.knn_sets = (data.EvalDataset(bank, run.backbone.img_size, subset=args.knn_bank),
                     data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)
+    run.scaler = precision.loss_scaler(run.device, run.precision)
     run.watch = torch.zeros(4, device=run.device)          # train.watch_loss
     run.model = run.method
     if run.world > 1:

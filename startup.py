@@ -53,7 +53,7 @@ def start(args, parser):
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    candidates = check_out_dir(args)
+    candidates = out_dir_candidates(args, rank, world)
     stopped = os.path.join(args.out, "STOPPED")
     if args.resume and os.path.exists(stopped):     # e.g. torchrun restarting after a NaN stop
         with open(stopped) as f:
@@ -82,6 +82,23 @@ def start(args, parser):
         if epochs < 1 and args.data != "embedded":
             warn_short_budget(run, epochs)
     return run, state, resume_path
+
+
+def out_dir_candidates(args, rank, world):
+    """Rank 0 lists --out and decides (``check_out_dir``: the checkpoints to resume from, or
+    refuse), then tells the others: on a shared filesystem a node's listing can lag behind
+    another's, and ranks that decided apart would start and resume in one group."""
+    choice = [None, None]                     # (candidates, why not)
+    if rank == 0:
+        try:
+            choice[0] = check_out_dir(args)
+        except SystemExit as e:
+            choice[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0, group=cpu_group())
+    if choice[1]:
+        raise SystemExit(choice[1] if rank == 0 else 1)
+    return choice[0]
 
 
 def warn_short_budget(run, epochs):
@@ -116,6 +133,8 @@ def resume(run, candidates):
     if not run.master:
         path, ckpt = read_resumable(choice[:1], args, accel)
     restore(ckpt, path, args, run.backbone, run.method, run.optimizer)
+    if ckpt.get("scaler") and run.scaler.is_enabled():    # fp16's loss scale (precision.py);
+        run.scaler.load_state_dict(ckpt["scaler"])        # from a bf16 run: a fresh one
     state = TrainState.from_dict(ckpt["state"])
     if len(ckpt["rng"]) == world:
         set_rng_state(ckpt["rng"][rank])

@@ -84,12 +84,13 @@ def resize_matrix(p0, p):
     return interpolation_matrix((p0, p0), (p, p), "bilinear")
 
 
-_MAPS = {}      # (what, key, device, dtype) -> matrix: built once, then no host copy per call
+_MAPS = {}      # (what, key, device, dtype) -> tensor: built once, then no host copy per call
 
 
 def cached_map(build, key, device, dtype):
-    """``build(*key)`` (a float64 matrix) cast and moved to (device, dtype) once: copying it
-    from the host on every call would cost a transfer (and a sync) per forward pass."""
+    """``build(*key)`` (a tensor made on the host: a float64 matrix, a sin-cos embedding) cast
+    and moved to (device, dtype) once: copying it from the host on every call would cost a
+    transfer (and a sync) per forward pass."""
     k = (build.__name__, key, torch.device(device), dtype)
     if k not in _MAPS:
         _MAPS[k] = build(*key).to(device=device, dtype=dtype)
@@ -122,7 +123,11 @@ class PatchEmbed(nn.Module):
             return w
         m = cached_map(resize_kernel_matrix, (self.patch_size, p), w.device, w.dtype)  # (p², p0²)
         D, C, p0, _ = w.shape
-        w_new = m @ w.reshape(D * C, p0 * p0).T                      # (p², D·C)
+        # In the weights' precision also under autocast, which would otherwise cast the map to
+        # bf16 on every forward (a kernel, and 3 significant digits for a pseudo-inverse); the
+        # convolution then casts the resized kernel as it casts the base one.
+        with full_precision(w.device):
+            w_new = m @ w.reshape(D * C, p0 * p0).T                  # (p², D·C)
         return w_new.T.reshape(D, C, p, p)
 
     def forward(self, x, p):
@@ -342,7 +347,8 @@ class ViT(nn.Module):
         x = self.patch_embed(images, p)                              # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed_kind == "sincos" and (gh, gw) != (self.base_grid,) * 2:
-            pos = sincos_pos_embed((gh, gw), self.dim, self.base_grid).to(x.device, x.dtype)
+            pos = cached_map(sincos_pos_embed, ((gh, gw), self.dim, self.base_grid),
+                             x.device, x.dtype)                      # (1, 1+gh·gw, D), once
         else:
             pos = interpolate_pos_embed(self.pos_embed, self.base_grid, (gh, gw))
         return x + pos

@@ -8,12 +8,17 @@ to the number of visible GPUs.
 * The ops of train.train_step, recorded with a dispatch mode on CPU: none of them reads a
   value back (``.item()``, ``nonzero``, ``equal`` ...: a host sync on a GPU), and none is on
   PyTorch's list of ops that raise on CUDA under ``torch.use_deterministic_algorithms``.
+* DINO's per-parameter gradient clipping in two fused passes gives the gradients of the loop
+  it replaced; NCCL waits longer than the gloo check that is meant to catch a hung rank.
 """
+import copy
+import datetime
 import os
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +149,56 @@ def test_the_ema_is_one_fused_pass_with_the_momentum_formula():
     for b, p_t, p_o in zip(before, target.parameters(), online.parameters()):
         torch.testing.assert_close(p_t, 0.9 * b + 0.1 * p_o.detach(), atol=1e-6, rtol=0)
     assert recorder.ops.count("_foreach_lerp_") == 1 and "add_" not in recorder.ops
+
+
+# ============================================================ clipping, fused
+def _clip_per_parameter(module, max_norm):
+    """DINO's utils.clip_gradients as train.py ran it before: ~5 small kernels per parameter."""
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+def test_the_fused_clipping_gives_the_gradients_of_the_per_parameter_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32),
+                                torch.nn.Linear(32, 8), torch.nn.Linear(8, 4, bias=False))
+    loop = copy.deepcopy(model)
+    for i, (p, q) in enumerate(zip(model.parameters(), loop.parameters())):
+        p.grad = torch.randn_like(p) * (10.0 if i % 2 else 0.01)    # above the bound, below
+        q.grad = p.grad.clone()
+    model[2].bias.grad = loop[2].bias.grad = None            # a parameter without gradient
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    assert min(norms) < 0.5 < max(norms)
+    _clip_per_parameter(loop, 0.5)
+    with OpRecorder() as recorder:
+        train.clip_gradients(model, 0.5)
+    for p, q in zip(model.parameters(), loop.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    assert recorder.ops.count("_foreach_norm") == recorder.ops.count("_foreach_mul_") == 1
+    assert "linalg_vector_norm" not in recorder.ops and len(recorder.ops) < 10, recorder.ops
+
+
+# ============================================================== NCCL's timeout
+def test_nccl_waits_longer_than_the_gloo_check_that_catches_a_hung_rank(monkeypatch):
+    """Under nccl, the per-step agreement runs on a gloo group: its timeout must come first
+    (distributed.nccl_timeout says why)."""
+    made = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: made.append(
+        (backend, timeout)))
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: made.append(
+        (backend, timeout)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed, "_CPU_GROUP", None)             # put back afterwards
+    for key, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    distributed.setup_distributed("cuda", timeout_minutes=0.5)
+    (nccl, t_nccl), (gloo, t_gloo) = made
+    assert (nccl, gloo, t_gloo) == ("nccl", "gloo", datetime.timedelta(minutes=0.5))
+    assert t_nccl - t_gloo >= datetime.timedelta(minutes=1)
+    thirty = datetime.timedelta(minutes=30)
+    assert distributed.nccl_timeout(thirty) - thirty == t_nccl - t_gloo     # a margin, any timeout
 
 
 # ================================================== GPUs that are visible, or not

@@ -365,6 +365,51 @@ def test_a_group_whose_rank_dies_or_hangs_ends_within_the_timeout(tmp_path):
            "0.2 min" in out["hang"], out["hang"]
 
 
+def test_a_stopped_group_destroys_its_process_group_and_only_rank_0_lists_out(tmp_path):
+    """A NaN loss at step 3 stops both ranks at the next check (a save, every 2 steps): each
+    exits 1 with its process group destroyed (NCCL warns of one left behind). Rank 1's view
+    of --out is never asked for (here it would fail the run): rank 0 decides whether to
+    resume, as on a shared filesystem whose listing can differ between nodes."""
+    report = tmp_path / "rank"
+    out = finish(torchrun([os.path.abspath(__file__), "--stop-at", "3", str(report), *TINY,
+                           "--budget", "2k", "--save-every-steps", "2", "--out",
+                           str(tmp_path / "run")]), status=1)
+    assert "non-finite loss at step 3" in out and "listed --out" not in out, out
+    ranks = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in range(WORLD)]
+    assert ranks == [{"status": 1, "group": False}] * WORLD, ranks
+
+
+def stop_main(step, report, argv):
+    """train.main(argv) whose loss turns NaN at step ``step``; each rank writes its exit
+    status and whether its process group is still there to ``report``.<rank>. On rank 1,
+    listing --out fails."""
+    import torch.distributed as dist
+
+    import methods
+    import startup
+    rank = int(os.environ["RANK"])
+    forward, calls = methods.MoCoV3.forward, [0]
+
+    def nan_at_step(self, *args, **kwargs):
+        loss, stats = forward(self, *args, **kwargs)
+        calls[0] += 1
+        return (loss * float("nan") if calls[0] == step else loss), stats
+    methods.MoCoV3.forward = nan_at_step
+    if rank == 1:
+        def listed(args):
+            raise SystemExit("error: rank 1 listed --out")
+        startup.check_out_dir = listed
+    import train
+    try:
+        train.main(argv)
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    with open(f"{report}.{rank}", "w") as f:
+        json.dump({"status": status, "group": dist.is_initialized()}, f)
+    sys.exit(status)
+
+
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "probe.json"
@@ -498,6 +543,8 @@ if __name__ == "__main__":
         crash_main(int(sys.argv[2]), sys.argv[3:])
     elif sys.argv[1] == "--knn":
         knn_main(sys.argv[2])
+    elif sys.argv[1] == "--stop-at":
+        stop_main(int(sys.argv[2]), sys.argv[3], sys.argv[4:])
     elif sys.argv[1] == "--hang-at":
         crash_main(int(sys.argv[2]), sys.argv[3:], fault="hang")
     else:
