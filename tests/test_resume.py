@@ -232,7 +232,8 @@ def test_dino_killed_mid_run_resumes_bitwise_and_ignores_a_partial_save(tmp_path
     args = ["--method", "dino", "--budget", "1.6k", "--accel", "q:drop=0.5", "--local-crops", "2"]
     ref, run, killed, out = kill_and_resume(tmp_path, args, gate_step=4,
                                             before_resume=partial_save)
-    assert killed["state"]["step"] == 2 and 8 < ref["state"]["step"]
+    # killed before step 4: last.pt is step 3's, saved with ckpt_25 (step 3 ends at 29 %)
+    assert killed["state"]["step"] == 3 and 8 < ref["state"]["step"]
     assert "removed last.pt.tmp" in out and not (tmp_path / "run" / "last.pt.tmp").exists()
     assert_bitwise_equal(ref, run)
     assert "teacher.head.last_layer.parametrizations.weight.original1" in run["method"]
