@@ -17,7 +17,9 @@ JSON file; the tests assert on that file:
   (so different augmentations), while the views of an image do not depend on the rank.
 
 A second test runs train.py under ``torchrun --max-restarts=1`` with a worker that dies at a
-given step: the group restarts from last.pt and ends with the weights of an uninterrupted run.
+given step (tests/gated.py, which also holds a group at a step for a preemption or a hung rank,
+so that these tests act at that step however busy the machine): the group restarts from
+last.pt and ends with the weights of an uninterrupted run.
 
 Two more launches check what every rank must agree on: the gradient-error probe of two
 processes, each on its share of one global batch, equals the probe of one process on the whole
