@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
+import compress  # noqa: E402
 import methods  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -249,7 +250,7 @@ def _nan_gradient(loss):               # the loss stays finite; every gradient b
 
 
 @pytest.mark.parametrize("fault, named", [
-    (_nan_loss, "non-finite loss at step 3 (progress 28.9%; rank 0: nan)"),
+    (_nan_loss, "non-finite loss at step 3 (progress {progress:.1%}; rank 0: nan)"),
     (_nan_gradient, "non-finite weights after step 3 (backbone.cls_token"),
 ])
 def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_checkpoint(
@@ -274,6 +275,13 @@ def test_a_non_finite_step_stops_the_run_and_never_overwrites_the_last_good_chec
     out = tmp_path / "run"
     code, text, _ = run_main([*TINY, "--method", "moco", "--budget", "1k", "--save-every-steps",
                               "1", "--ckpt-at", "0", "--out", str(out)])
+    # progress before step 3: two steps of 16 samples at the cost model's price, of 1k units
+    ckpt = checkpoint.load(out / "last.pt")
+    backbone = vit.ViT(**ckpt["vit_config"])
+    method = methods.build_method("moco", backbone, **ckpt["method_kwargs"])
+    price = compress.CostModel(backbone, heads=method.cost_heads()).sample_units(
+        "moco", compress.NONE.resolve(2))
+    named = named.format(progress=2 * 16 * price / 1000)
     assert code != 0 and named in text, text
     assert f"the last good checkpoint is {out / 'last.pt'} (step 2)" in text, text
     last_saves = [s for s in saves if s[0] == "last.pt"]

@@ -17,7 +17,9 @@ JSON file; the tests assert on that file:
   (so different augmentations), while the views of an image do not depend on the rank.
 
 A second test runs train.py under ``torchrun --max-restarts=1`` with a worker that dies at a
-given step: the group restarts from last.pt and ends with the weights of an uninterrupted run.
+given step (tests/gated.py, which also holds a group at a step for a preemption or a hung rank,
+so that these tests act at that step however busy the machine): the group restarts from
+last.pt and ends with the weights of an uninterrupted run.
 
 Two more launches check what every rank must agree on: the gradient-error probe of two
 processes, each on its share of one global batch, equals the probe of one process on the whole
@@ -292,14 +294,28 @@ def test_ranks_see_different_images_whose_views_do_not_depend_on_the_rank(measur
     assert a["views_differ"] and a["rank_independent"]
 
 
+GATED = os.path.join(ROOT, "tests", "gated.py")      # train.py with a gate at one step
+
+
+def wait_for_gate(group, gate, ranks=range(WORLD)):
+    """Until every rank of ``ranks`` waits at its gate (tests/gated.py); a failure, with the
+    group's output, if the group ends first."""
+    while not all(os.path.exists(os.path.join(gate, f"reached.{r}")) for r in ranks):
+        if group.poll() is not None:
+            out, err = group.communicate()
+            pytest.fail(f"the group ended before its gate\n{out}{err}")
+        time.sleep(0.01)
+
+
 def test_a_crashed_worker_restarts_from_the_last_checkpoint_and_changes_nothing(tmp_path):
-    """torchrun --max-restarts=1 + --resume: rank 1 dies at step 6 (after last.pt of step 4);
-    the group restarts, resumes and ends bitwise equal to a run that never crashed."""
+    """torchrun --max-restarts=1 + --resume: rank 1 dies before step 6, when last.pt of step 4
+    is on disk (tests/gated.py); the group restarts, resumes from step 4 and ends bitwise equal
+    to a run that never crashed."""
     tiny = ["--method", "moco", "--model", "cpu", "--img-size", str(IMG), "--data-size", "128",
             "--batch-size", "16", "--budget", "1.1k", "--eval-every", "0", "--log-every", "0",
             "--save-every", "1", "--save-every-steps", "2", "--deterministic", "--resume"]
     ref = torchrun(["train.py", *tiny, "--out", str(tmp_path / "ref")])      # both at once
-    run = torchrun([os.path.abspath(__file__), "--crash-at", "6", *tiny,
+    run = torchrun([GATED, str(tmp_path / "gate"), "6", "die", *tiny,
                     "--out", str(tmp_path / "run")], restarts=1)
     finish(ref)
     out = finish(run)
@@ -317,24 +333,24 @@ TINY = ["--method", "moco", "--model", "cpu", "--img-size", str(IMG), "--data-si
 
 
 def test_a_preempted_group_saves_one_step_exits_75_and_resumes_bitwise(tmp_path):
-    """SIGTERM to torchrun at about a third of the run: torchrun forwards it to both workers,
-    which finish their step, agree, save last.pt there and exit 75 (torchrun itself, signalled,
+    """SIGTERM to torchrun while both workers wait before step 5 (tests/gated.py, mode
+    "signal": each goes on once the signal reached it): torchrun forwards it to both workers,
+    which take step 5, agree, save last.pt there and exit 75 (torchrun itself, signalled,
     exits 1: OUT/PREEMPTED tells a requeue script); a torchrun --resume ends bitwise equal to a
     group that was never stopped."""
     args = [*TINY, "--budget", "2k", "--save-every", "1", "--ckpt-at", "0"]
+    gate = tmp_path / "gate"
     ref = torchrun(["train.py", *args, "--out", str(tmp_path / "ref")])
-    run = torchrun(["train.py", *args, "--out", str(tmp_path / "run")])
-    for line in run.stdout:
-        if "| step      4 |" in line:
-            run.send_signal(signal.SIGTERM)
-            break
+    run = torchrun([GATED, str(gate), "5", "signal", *args, "--out", str(tmp_path / "run")])
+    wait_for_gate(run, gate)
+    run.send_signal(signal.SIGTERM)
     out = finish(run, status=1)
     marker = (tmp_path / "run" / "PREEMPTED").read_text()
     step = checkpoint.load(tmp_path / "run" / "last.pt")["state"]["step"]
-    assert f"preempted by SIGTERM after step {step} " in marker and step >= 4, out
+    assert step == 5 and "preempted by SIGTERM after step 5 " in marker, out
     resumed = finish(torchrun(["train.py", *args, "--out", str(tmp_path / "run"), "--resume"]))
     finish(ref)
-    assert f"step {step}," in resumed
+    assert "step 5," in resumed
     a, b = (checkpoint.load(tmp_path / d / "last.pt") for d in ("ref", "run"))
     assert a["state"]["step"] == b["state"]["step"] > 2 * step
     for part in ("method", "optimizer"):
@@ -342,27 +358,37 @@ def test_a_preempted_group_saves_one_step_exits_75_and_resumes_bitwise(tmp_path)
         assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
 
 
-def test_a_group_whose_rank_dies_or_hangs_ends_within_the_timeout(tmp_path):
-    """Rank 1 dies (os._exit) in one group and hangs (sleeps outside any collective) in
-    another, both at step 3 (the two groups run at once); rank 0 waits in the step's
-    collective. Dead: the connection closes and the group ends at once. Hung: rank 0 gives up
-    after --dist-timeout (0.2 min here), names it, and exits 1; torchrun then ends the group
+def test_a_group_whose_rank_dies_or_hangs_ends_after_the_timeout_naming_it(tmp_path):
+    """Rank 1 dies (os._exit) in one group and hangs (blocks outside any collective) in
+    another, both before step 3 (tests/gated.py; the two groups run at once); rank 0 goes on
+    into the step's collective. Dead: the connection closes, and rank 0 says it lost the
+    others. Hung: rank 0 waits in the collective for --dist-timeout (0.2 min = 12 s here: at
+    least that long after rank 1 stopped), names it, and exits 1; torchrun then ends the group
     (--shutdown-timeout 5: the hung rank takes SIGTERM as a preemption it never acts on, so
-    torchrun's SIGKILL ends it)."""
-    t0 = time.time()
-    groups = {fault: torchrun([os.path.abspath(__file__), f"--{fault}-at", "3", *TINY, "--budget",
-                               "5k", "--dist-timeout", "0.2", "--out", str(tmp_path / fault)],
-                              launcher=["--shutdown-timeout=5"]) for fault in ("crash", "hang")}
+    torchrun's SIGKILL ends it). No upper bound on the time: a busy machine only lengthens it."""
+    said = {}
+    groups = {fault: torchrun([GATED, str(tmp_path / f"gate-{fault}"), "3", fault, *TINY,
+                               "--budget", "5k", "--dist-timeout", "0.2",
+                               "--out", str(tmp_path / fault)],
+                              launcher=["--shutdown-timeout=5"]) for fault in ("die", "hang")}
     try:
-        out = {fault: finish(p, timeout=120, status=1) for fault, p in groups.items()}
+        for line in groups["hang"].stderr:       # when rank 0 gives up, as it happens
+            if "lost the other ranks" in line:
+                said["hang"] = (time.time(), line)
+                break
+        out = {fault: finish(p, timeout=300, status=1) for fault, p in groups.items()}
     finally:                                    # a failed check leaves no group running
         for p in groups.values():
             if p.poll() is None:
                 p.terminate()                   # torchrun stops its workers
                 p.communicate(timeout=60)
-    assert time.time() - t0 < 90
+    assert "error: rank 0 lost the other ranks after step 2 " in out["die"], out["die"]
+    assert "hang" in said, out["hang"]
+    when, line = said["hang"]
     assert "error: rank 0 lost the other ranks after step 2 (waited up to --dist-timeout " \
-           "0.2 min" in out["hang"], out["hang"]
+           "0.2 min" in line, line
+    hung_at = os.path.getmtime(tmp_path / "gate-hang" / "reached.1")
+    assert when - hung_at >= 0.2 * 60, when - hung_at
 
 
 def test_a_stopped_group_destroys_its_process_group_and_only_rank_0_lists_out(tmp_path):
@@ -503,28 +529,6 @@ def test_knn_over_two_processes_equals_one_process(tmp_path):
     assert two["acc"] == protocols.knn_accuracy(backbone, bank, val, cpu, batch_size=16)
 
 
-def crash_main(step, argv, fault="die"):
-    """train.main(argv), except that the last rank of a run that has no checkpoint yet dies
-    without a word at the start of step ``step`` (as a failed worker would), or hangs there
-    (``fault="hang"``: as a worker stuck outside any collective would)."""
-    import time
-
-    import train
-    out = argv[argv.index("--out") + 1]
-    if int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1 and \
-            not os.path.exists(os.path.join(out, "last.pt")):
-        step_once = train.train_step
-
-        def faulty_step(run, state, batch):
-            if state.step + 1 == step:
-                if fault == "hang":
-                    time.sleep(3600)
-                os._exit(3)
-            return step_once(run, state, batch)
-        train.train_step = faulty_step
-    train.main(argv)
-
-
 def _tensors(tree, prefix=""):
     """Every tensor of a nested dict / list, by its path."""
     if isinstance(tree, torch.Tensor):
@@ -539,13 +543,9 @@ if __name__ == "__main__":
         probe_main(sys.argv[2])
     elif sys.argv[1] == "--train":
         train_main(sys.argv[2], sys.argv[3:])
-    elif sys.argv[1] == "--crash-at":
-        crash_main(int(sys.argv[2]), sys.argv[3:])
     elif sys.argv[1] == "--knn":
         knn_main(sys.argv[2])
     elif sys.argv[1] == "--stop-at":
         stop_main(int(sys.argv[2]), sys.argv[3], sys.argv[4:])
-    elif sys.argv[1] == "--hang-at":
-        crash_main(int(sys.argv[2]), sys.argv[3:], fault="hang")
     else:
         main(sys.argv[1])

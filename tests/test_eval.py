@@ -198,10 +198,14 @@ def test_a_checkpoint_of_another_config_is_refused_with_the_mismatches_listed(tm
 # ===================================================================================== CLI
 def run_cli(*argv):
     return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)   # a hang guard
 
 
 def test_cli_knn_end_to_end_on_a_tiny_checkpoint(tmp_path):
+    """eval.py's NN and PX are protocols.knn_accuracy and raw_pixel_knn of the checkpoint's
+    weights on the same 100 + 100 images, computed here in process."""
+    import data
+    torch.manual_seed(0)
     model = vit.ViT(**TINY)
     torch.save({"vit_config": model.config(), "backbone": model.state_dict(),
                 "args": {"data": "embedded", "data_root": None, "img_size": 32}},
@@ -213,7 +217,15 @@ def test_cli_knn_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert "PX " in proc.stdout and " | NN " in proc.stdout
     results = json.loads(out.read_text())
     assert results["n_train"] == results["n_val"] == 100 and results["data"] == "embedded"
-    assert 0 <= results["knn"]["top1"] <= 100 and 0 <= results["pixel_knn"]["top1"] <= 100
+    train_set, val_set = (data.EvalDataset(data.build_dataset("embedded", split=split,
+                                                              img_size=32, size=100), 32)
+                          for split in ("train", "val"))
+    cpu = torch.device("cpu")
+    in_process = (protocols.knn_accuracy(model.eval(), train_set, val_set, cpu),
+                  protocols.raw_pixel_knn(train_set, val_set))        # one image: 1 %
+    assert (results["knn"]["top1"], results["pixel_knn"]["top1"]) == pytest.approx(in_process,
+                                                                                  abs=1e-4)
+    assert results["knn"]["top1"] != results["pixel_knn"]["top1"]    # two measurements
 
 
 def test_all_train_evaluates_a_run_pretrained_on_part_of_the_data_against_every_image(tmp_path):

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import losses  # noqa: E402
 import precision  # noqa: E402
 import protocols  # noqa: E402
@@ -93,12 +94,12 @@ def test_a_preempted_fp16_run_resumes_bitwise_with_its_loss_scale(fp16_on_cpu, r
     monkeypatch.setattr(train, "train_step", signalled_step)
     code, text, _ = run_main([*args, "--out", str(tmp_path / "run")])
     assert code == 75 and "preempted by SIGUSR1 after step 3" in text, text
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["scaler"]
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")["scaler"]
     assert saved["scale"] != 2.0 ** 16           # not a fresh scaler's: its restoring matters
     monkeypatch.setattr(train, "train_step", step_once)
     code, text, _ = run_main([*args, "--out", str(tmp_path / "run"), "--resume"])
     assert code == 0 and "resumed from" in text, text
-    ref, run = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ref", "run"))
+    ref, run = (checkpoint.load(tmp_path / d / "last.pt") for d in ("ref", "run"))
     assert ref["state"]["step"] == run["state"]["step"] > 4
     assert ref["scaler"] == run["scaler"]
     weights = lambda ckpt: ckpt["method"]                                         # noqa: E731

@@ -1,10 +1,11 @@
 """A run killed with SIGKILL and restarted with --resume ends with the weights of a run that
 was never interrupted: bitwise, on CPU with --deterministic.
 
-Each test starts train.py in a subprocess, kills it (SIGKILL, no chance to clean up) a few
-steps in, and resumes it in another to the end of the budget; meanwhile the same run goes
-through uninterrupted in the test's own process (on one thread, as the subprocesses).
-Compared bit for bit: every parameter and buffer of the method (online weights, momentum
+Each test starts train.py in a subprocess (through tests/gated.py, which holds it before a
+chosen step until the test acts, so the kill lands at that step however busy the machine),
+kills it (SIGKILL, no chance to clean up) there, and resumes it in another to the end of the
+budget; meanwhile the same run goes through uninterrupted in the test's own process (on one
+thread, as the subprocesses). Compared bit for bit: every parameter and buffer of the method (online weights, momentum
 encoder / teacher, DINO's centre, BN statistics), the optimizer state, and the budget, step,
 epoch position and schedule stage. The resumed part replays lost steps, crosses epochs (8
 batches each) and, for MoCo, a stage switch of a schedule file; DINO uses token dropout and
@@ -14,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,10 +38,13 @@ TINY = ["--model", "cpu", "--img-size", "16", "--data-size", "128", "--batch-siz
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def start(args):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *args],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def start(args, gate=None):
+    """train.py in a subprocess; with ``gate`` = (folder, step, mode), tests/gated.py instead,
+    which holds the run before ``step`` (``last.pt`` then on disk) until the test acts."""
+    script = [os.path.join(ROOT, "tests", "gated.py"), *map(str, gate)] if gate else \
+        [os.path.join(ROOT, "train.py")]
+    return subprocess.Popen([sys.executable, *script, *TINY, *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(p, timeout=240):
@@ -50,21 +53,18 @@ def finish(p, timeout=240):
     return out
 
 
-def kill_at(p, step, sig=signal.SIGKILL, status=-signal.SIGKILL, ready=None):
-    """Send ``sig`` to ``p`` as soon as it reports ``step`` (steps continue while the line is
-    read) and the file ``ready`` exists: checkpoints are written in the background, so on a
-    loaded machine the first last.pt may land a step or two after the step that saved it (the
-    next save waits for it); returns None if ``p`` then exits with ``status``, else its output."""
-    seen = []
-    for line in p.stdout:
-        seen.append(line)
-        if re.search(rf"\| step +{step} \|", line):
-            while ready and not os.path.exists(ready) and p.poll() is None:
-                time.sleep(0.005)
-            os.kill(p.pid, sig)
-            break
-    seen.append(p.communicate(timeout=60)[0])
-    return None if p.returncode == status else "".join(seen)
+def stop_at_gate(p, gate, sig, status):
+    """Send ``sig`` to ``p`` once it waits at its gate (tests/gated.py: its steps before the
+    gate are done and their last.pt written); → None if ``p`` then exits with ``status``,
+    else its output. SIGKILL ends it there; a preemption signal opens the gate (mode
+    "signal"), so the run takes the gated step and stops after it, however busy the machine."""
+    while not os.path.exists(os.path.join(gate, "reached.0")):
+        if p.poll() is not None:                     # it ended before the gate: say why
+            return p.communicate()[0]
+        time.sleep(0.01)
+    os.kill(p.pid, sig)
+    out = p.communicate(timeout=120)[0]
+    return None if p.returncode == status else out
 
 
 def run_in_process(argv):
@@ -109,15 +109,17 @@ def assert_bitwise_equal(a, b):
     assert a["strategy"] == b["strategy"]
 
 
-def kill_and_resume(tmp_path, args, kill_step, before_resume=None, sig=signal.SIGKILL,
+def kill_and_resume(tmp_path, args, gate_step, before_resume=None, sig=signal.SIGKILL,
                     status=-signal.SIGKILL):
-    """(uninterrupted last.pt, resumed last.pt, last.pt as the kill left it, resume's output)."""
-    run, killed, resumed = tmp_path / "run", [], []
+    """Stop the run at its gate before step ``gate_step`` with ``sig``, then --resume it:
+    (uninterrupted last.pt, resumed last.pt, last.pt as the stop left it, resume's output)."""
+    run, gate, killed, resumed = tmp_path / "run", tmp_path / "gate", [], []
+    mode = "wait" if sig == signal.SIGKILL else "signal"
 
     def kill_then_resume():                    # in a thread, beside the uninterrupted run
         try:
-            killed.append(kill_at(start([*args, "--out", str(run)]), kill_step, sig, status,
-                                  ready=run / "last.pt" if sig == signal.SIGKILL else None))
+            p = start([*args, "--out", str(run)], gate=(gate, gate_step, mode))
+            killed.append(stop_at_gate(p, gate, sig, status))
             killed.append(load(run / "last.pt"))                 # loadable after a SIGKILL
             if before_resume:
                 before_resume(run)
@@ -144,12 +146,13 @@ def moco(tmp_path_factory):
     sched.write_text(json.dumps({"stages": [{"start": 0.0, "strategy": "q:drop=0.75"},
                                             {"start": 0.5, "strategy": "none"}]}))
     args = ["--method", "moco", "--budget", "1.3k", "--accel", str(sched)]
-    ref, run, killed, out = kill_and_resume(tmp, args, kill_step=3)
+    ref, run, killed, out = kill_and_resume(tmp, args, gate_step=4)
     return dict(tmp=tmp, args=args, ref=ref, run=run, killed=killed, out=out, sched=sched)
 
 
 def test_moco_killed_mid_run_resumes_to_bitwise_the_same_weights(moco):
-    assert 2 <= moco["killed"]["state"]["step"] < 8 < moco["ref"]["state"]["step"]  # epoch 2
+    # killed before step 4, its last.pt that of step 2 (saved every 2 steps); ends in epoch 2
+    assert moco["killed"]["state"]["step"] == 2 and 8 < moco["ref"]["state"]["step"]
     assert "resumed from" in moco["out"]
     assert_bitwise_equal(moco["ref"], moco["run"])
     assert "momentum_encoder.backbone.cls_token" in moco["run"]["method"]
@@ -227,9 +230,10 @@ def test_dino_killed_mid_run_resumes_bitwise_and_ignores_a_partial_save(tmp_path
         (run / "last.pt.tmp").write_bytes((run / "last.pt").read_bytes()[:1000])
 
     args = ["--method", "dino", "--budget", "1.6k", "--accel", "q:drop=0.5", "--local-crops", "2"]
-    ref, run, killed, out = kill_and_resume(tmp_path, args, kill_step=3,
+    ref, run, killed, out = kill_and_resume(tmp_path, args, gate_step=4,
                                             before_resume=partial_save)
-    assert 2 <= killed["state"]["step"] < 8 < ref["state"]["step"]
+    # killed before step 4: last.pt is step 3's, saved with ckpt_25 (step 3 ends at 29 %)
+    assert killed["state"]["step"] == 3 and 8 < ref["state"]["step"]
     assert "removed last.pt.tmp" in out and not (tmp_path / "run" / "last.pt.tmp").exists()
     assert_bitwise_equal(ref, run)
     assert "teacher.head.last_layer.parametrizations.weight.original1" in run["method"]
@@ -254,18 +258,18 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
 # ====================================================== preemption: SIGTERM, SIGUSR1
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preempted_run_saves_its_step_exits_75_and_resumes_bitwise(tmp_path, sig):
-    """SIGTERM (SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal) at about a third of the run,
-    with no periodic save due: the run finishes its step, saves last.pt there, leaves
+    """SIGTERM (SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal) before step 4, with no
+    periodic save due: the run finishes its step (step 4), saves last.pt there, leaves
     OUT/PREEMPTED and exits 75; --resume continues from that very step to the weights of the
     uninterrupted run, and removes the marker."""
     args = ["--method", "dino", "--budget", "2.2k", "--accel", "q:drop=0.5", "--local-crops", "2",
             "--save-every-steps", "0", "--ckpt-at", "0"]           # no save but the preemption's
     marker = []
-    ref, run, killed, out = kill_and_resume(tmp_path, args, kill_step=3, sig=sig,
+    ref, run, killed, out = kill_and_resume(tmp_path, args, gate_step=4, sig=sig,
                                             status=cluster.PREEMPTED, before_resume=lambda run:
                                             marker.append((run / "PREEMPTED").read_text()))
     step = killed["state"]["step"]
-    assert 3 <= step < ref["state"]["step"] // 2, step       # saved where it was stopped
+    assert step == 4 < ref["state"]["step"] // 2, step       # saved where it was stopped
     assert f"preempted by {sig.name} after step {step} " in marker[0], marker
     assert f"resumed from {tmp_path / 'run' / 'last.pt'}: step {step}," in out, out
     assert_bitwise_equal(ref, run)
@@ -279,7 +283,7 @@ def test_an_auto_schedule_run_killed_after_a_probe_resumes_bitwise(tmp_path):
     exactly as the uninterrupted run did."""
     args = ["--method", "simclr", "--budget", "2.5k", "--accel", "auto", "--auto-at", "0,0.5",
             "--auto-batches", "2", "--auto-grid", "drop=0,0.75 patch=4,8"]
-    ref, run, killed, out = kill_and_resume(tmp_path, args, kill_step=3)
+    ref, run, killed, out = kill_and_resume(tmp_path, args, gate_step=4)
     assert len(killed["state"]["auto"]) == 1 and len(ref["state"]["auto"]) == 2
     assert run["state"]["auto"] == [dict(a, seconds=b["seconds"]) for a, b in
                                     zip(ref["state"]["auto"], run["state"]["auto"])]

@@ -140,13 +140,18 @@ def test_heatmaps_without_matplotlib_print_a_note_and_do_not_fail(tmp_path, monk
 
 
 def test_build_cli_writes_the_schedule_and_the_heatmaps_beside_it(tmp_path):
+    """Probes at 5 % and 50 %, given out of order: the first probe's argmin (drop 0.75) holds
+    from 0, the second's (uncompressed, made the least CA-MSE there) from 50 %."""
+    late, early = _fake_result(0.5), _fake_result(0.05)
+    late["rows"][0]["ca_mse"] = 0.01                          # "none" wins late in training
     paths = []
-    for t in (0.0, 0.5):
-        paths.append(str(tmp_path / f"probe_{t}.json"))
+    for result in (late, early):
+        paths.append(str(tmp_path / f"probe_{result['progress']}.json"))
         with open(paths[-1], "w") as f:
-            json.dump(_fake_result(t), f)
+            json.dump(result, f)
     schedule.main(["build", *paths, "--out", str(tmp_path / "sched.json")])
-    assert StageSchedule.load(str(tmp_path / "sched.json")).stages[0][0] == 0.0
+    stages = StageSchedule.load(str(tmp_path / "sched.json")).stages
+    assert [(start, str(s)) for start, s in stages] == [(0.0, "q:drop=0.75"), (0.5, "none")]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

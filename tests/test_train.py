@@ -69,11 +69,23 @@ def test_each_method_trains_end_to_end(tmp_path, run, method):
         assert os.path.isfile(os.path.join(out, name)), name
     ckpt = checkpoint.load(os.path.join(out, "last.pt"))
     assert ckpt["state"]["spent"] >= 800
-    losses = [r["loss"] for r in read_log(out) if "loss" in r]
-    assert all(map(torch.isfinite, torch.tensor(losses)))
+    steps = [r for r in read_log(out) if "loss" in r]
+    assert all(map(torch.isfinite, torch.tensor([r["loss"] for r in steps])))
+    assert len(steps) == ckpt["state"]["step"] and {r["strategy"] for r in steps} == {"q:drop=0.5"}
     # the saved backbone is in the interop layout and loads strictly into a fresh ViT
     model = vit.ViT(**ckpt["vit_config"])
     model.load_state_dict(vit.backbone_state_dict(ckpt))
+    # it trained: the online weights move from checkpoint to checkpoint, and the target
+    # (momentum encoder, teacher) follows them by EMA without being them
+    saved = [checkpoint.load(os.path.join(out, f"ckpt_{p}.pt"))
+             for p in (0, 50, 100)]
+    online = [vit.backbone_state_dict(c) for c in saved]
+    for a, b in zip(online, online[1:]):
+        assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
+    if method in ("moco", "dino"):
+        target = [vit.backbone_state_dict(c, branch="target") for c in saved]
+        assert not torch.equal(target[0]["cls_token"], target[-1]["cls_token"])
+        assert not torch.equal(target[-1]["cls_token"], online[-1]["cls_token"])
 
 
 def test_budget_accounting_equals_the_cost_models_sum_over_steps(tmp_path, run):
