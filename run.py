@@ -23,6 +23,7 @@ import augment
 import compress
 import data
 import methods
+import resident
 import vit
 from schedule import StageSchedule, parse_grid
 
@@ -52,7 +53,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     peak_lr: float = None
     sampler: data.ResumableSampler = None
-    loader: object = None
+    loader: object = None               # yields ([views], labels): data or resident.ResidentLoader
+    data_path: str = None               # "resident" or "workers" (--data-path, resolved)
     knn_sets: tuple = None              # (bank, val) EvalDatasets
     use_bf16: bool = False              # bf16 autocast (CUDA with bf16 support)
     watch: torch.Tensor = None          # the first non-finite loss, noted on the device
@@ -192,6 +194,33 @@ def build_optimizer(args, method):
         return torch.optim.AdamW(groups, lr=peak_lr), peak_lr
 
 
+def build_views_loader(run, path):
+    """run.loader and run.data_path for --data-path ``path``: resident (the images on the device,
+    views made there: resident.py), workers (loader processes make the views), or auto:
+    resident wherever the images are one array that fits, else workers, saying why."""
+    args, cuda = run.args, run.device.type == "cuda"
+    if path != "workers":
+        try:
+            images = resident.place(run.train_base, run.device)
+        except resident.NotResident as e:
+            if path == "resident":
+                raise BadRun(f"--data-path resident: {e}") from None
+            if run.master:
+                print(f"note: views are made by loader workers: {e}", flush=True)
+        else:
+            draws = resident.ViewDraws(images, run.recipes, seed=args.seed)
+            loader = data.build_loader(draws, run.sampler.batch_size, run.sampler,
+                                       num_workers=args.workers, pin_memory=cuda,
+                                       collate_fn=resident.same_batch)
+            run.loader, run.data_path = resident.ResidentLoader(images, loader, run.recipes), \
+                "resident"
+            return
+    run.loader, run.data_path = data.build_loader(run.view_set(run.colour_on),
+                                                  run.sampler.batch_size, run.sampler,
+                                                  num_workers=args.workers, pin_memory=cuda), \
+        "workers"
+
+
 # ========================================================================= the run
 def build_run(args, device=torch.device("cpu"), rank=0, world=1, train=True):
     """Everything a run needs, in the order the seeded RNG is drawn (module docstring).
@@ -223,8 +252,7 @@ def build_training(run):
                                             rank=run.rank, world_size=run.world)
     except ValueError as e:
         raise BadRun(str(e)) from None
-    run.loader = data.build_loader(run.view_set(run.colour_on), per_rank, run.sampler,
-                                   num_workers=args.workers, pin_memory=run.device.type == "cuda")
+    build_views_loader(run, args.data_path)
     # With a --knn-bank, the bank and the validation images come from the whole splits, so a
     # run pretrained on --data-size of the training split is measured on the same images as
     # every other run of a comparison; without one (quick runs), a quarter as many val images.
