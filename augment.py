@@ -303,7 +303,8 @@ def colour_on_device(crops, packed):
     """uint8 crops (B, 3, s, s) and ``pack_colour``'s (B, 13), on one device → uint8 views:
     augment_batch's colour ops, with the same maths per image (it equals augment_batch of the
     same draws to one level of 255, the rounding of the shipped crop)."""
-    x, p = crops.float() / 255, packed.to(crops.device, non_blocking=True)
+    x = crops.float() / 255 if crops.dtype == torch.uint8 else crops.float()   # or [0, 1] floats
+    p = packed.to(crops.device, non_blocking=True)
     on = lambda taken, y, op_y: torch.where(taken[:, None, None, None] > 0, op_y, y)  # noqa: E731
     for j in range(4):
         for k, op in enumerate(_JITTER):

@@ -94,7 +94,7 @@ class ResidentImages:
 
     @property
     def on_device(self):
-        return self.images.device == self.device
+        return self.images.device.type == self.device.type
 
     def gather(self, indices):
         """indices (B,) long on the host → uint8 (B, 3, H, W) on the device."""
@@ -213,8 +213,8 @@ def make_views(images, draws, recipes):
     to the device are the indices, boxes and flips (and, inside the colour ops, their plan)."""
     x = images.gather(draws.indices)                                         # (B, 3, H, W)
     boxes, flips = (t.to(images.device, non_blocking=True) for t in (draws.boxes, draws.flips))
-    return [augment.colour_on_device(augment.to_uint8(crop_flip(x, boxes[v], flips[v], r.size)),
-                                     draws.colour[v]) for v, r in enumerate(recipes)]
+    return [augment.colour_on_device(crop_flip(x, boxes[v], flips[v], r.size), draws.colour[v])
+            for v, r in enumerate(recipes)]
 
 
 class ResidentLoader:
