@@ -57,7 +57,7 @@ import time
 import torch
 
 import vit
-from bench_loader import bench_loader
+from bench_loader import bench_loader, bench_resident
 from bench_methods import bench_adamw, bench_methods
 from bench_timing import interleaved_times, make_adamw, make_step
 from compress import forward_flops
@@ -177,7 +177,7 @@ def compare_timm(args, device):
 
 
 SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods,
-            "adamw": bench_adamw}
+            "adamw": bench_adamw, "resident": bench_resident}
 
 
 # ======================================================================= main

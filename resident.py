@@ -20,8 +20,9 @@ bytes a batch): pixels never leave the device.
     base = data.build_dataset("embedded", size=256)
     images = resident.place(base, torch.device("cpu"))           # uint8 (256, 3, 32, 32)
     recipes = augment.build_views("simclr", 32)
-    draws = resident.ViewDraws(images, recipes, seed=0)
-    views = resident.make_views(images, draws.__getitems__(list(range(8))), recipes)  # 2 × (8, 3, 32, 32)
+    sampler = data.ResumableSampler(len(images), batch_size=64)
+    loader = resident.build_resident_loader(images, recipes, 64, sampler)
+    views, labels = next(iter(loader))            # 2 × uint8 (64, 3, 32, 32), made here
 """
 import dataclasses
 import os
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 import augment
+import data
 from embedded import TensorImages, mix_seed
 from imagecache import CachedImages
 
@@ -215,6 +217,15 @@ def make_views(images, draws, recipes):
     boxes, flips = (t.to(images.device, non_blocking=True) for t in (draws.boxes, draws.flips))
     return [augment.colour_on_device(crop_flip(x, boxes[v], flips[v], r.size), draws.colour[v])
             for v, r in enumerate(recipes)]
+
+
+def build_resident_loader(images, recipes, batch_size, sampler, seed=0, num_workers=0):
+    """ResidentLoader over ``sampler`` (a data.ResumableSampler: epochs, ranks, resumes), its
+    draws made by ``num_workers`` loader processes (0: here), pinned for an async copy on CUDA."""
+    draws = ViewDraws(images, recipes, seed=seed)
+    loader = data.build_loader(draws, batch_size, sampler, num_workers=num_workers,
+                               pin_memory=images.device.type == "cuda", collate_fn=same_batch)
+    return ResidentLoader(images, loader, recipes)
 
 
 class ResidentLoader:

@@ -208,12 +208,9 @@ def build_views_loader(run, path):
             if run.master:
                 print(f"note: views are made by loader workers: {e}", flush=True)
         else:
-            draws = resident.ViewDraws(images, run.recipes, seed=args.seed)
-            loader = data.build_loader(draws, run.sampler.batch_size, run.sampler,
-                                       num_workers=args.workers, pin_memory=cuda,
-                                       collate_fn=resident.same_batch)
-            run.loader, run.data_path = resident.ResidentLoader(images, loader, run.recipes), \
-                "resident"
+            run.loader = resident.build_resident_loader(images, run.recipes, run.sampler.batch_size,
+                                                        run.sampler, args.seed, args.workers)
+            run.data_path = "resident"
             return
     run.loader, run.data_path = data.build_loader(run.view_set(run.colour_on),
                                                   run.sampler.batch_size, run.sampler,
