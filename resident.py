@@ -169,7 +169,8 @@ class Draws(NamedTuple):
     labels: torch.Tensor        # (B,) long
     boxes: torch.Tensor         # (V, B, 4) long: top, left, height, width
     flips: torch.Tensor         # (V, B) bool
-    colour: torch.Tensor        # (V, B, 13) float: augment.pack_colour
+    colour: tuple               # V × (B, 13) float: augment.pack_colour (the colour ops plan
+    #                             their passes from these host numbers)
 
 
 class ViewDraws(Dataset):
@@ -200,7 +201,7 @@ class ViewDraws(Dataset):
         return Draws(torch.tensor(indices), self.labels[indices],
                      torch.tensor([[p.box for p in ps] for ps in by_view]),
                      torch.tensor([[p.flip for p in ps] for ps in by_view]),
-                     torch.stack([augment.pack_colour(ps) for ps in by_view]))
+                     tuple(augment.pack_colour(ps) for ps in by_view))
 
 
 def same_batch(draws):

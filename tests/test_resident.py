@@ -58,8 +58,8 @@ def test_the_resident_path_draws_the_loader_paths_boxes_flips_and_colour():
         want = [augment.draw_params(24, 24, r, g) for r in recipes]
         assert got.boxes[:, b].tolist() == [list(p.box) for p in want]
         assert got.flips[:, b].tolist() == [p.flip for p in want]
-        assert torch.equal(got.colour[:, b], torch.stack([augment.pack_colour([p])[0]
-                                                          for p in want]))
+        assert torch.equal(torch.stack([c[b] for c in got.colour]),
+                           torch.stack([augment.pack_colour([p])[0] for p in want]))
     assert got.labels.tolist() == [base[i][1] for i in indices]
     # through a loader with a draw worker, after set_epoch: the same numbers
     sampler = data.ResumableSampler(len(draws), 4, seed=0, shuffle=False)
