@@ -211,13 +211,31 @@ def same_batch(draws):
 
 # ===== the views =====
 
+MATMUL_MAX_SIDE = 64    # on a CPU, images up to this side are cropped by matmuls (see below)
+
+
 def make_views(images, draws, recipes):
     """The batch's views, made on the images' device: V × uint8 (B, 3, s, s). The only copies
-    to the device are the indices, boxes and flips (and, inside the colour ops, their plan)."""
+    to the device are the indices, boxes and flips (and, inside the colour ops, their plan).
+
+    The crop: two batched matmuls (``crop_flip``) on a GPU, where arithmetic is cheap and each
+    call costs a launch. A CPU has it the other way round: the matmuls multiply every source
+    pixel by a weight that is mostly zero (H·W·s products a channel, where the antialiased
+    filter needs a few taps), so above MATMUL_MAX_SIDE it crops image by image with the
+    reference's own F.interpolate (augment.resized_crops; bench.py --section loader: at 32 px
+    the matmuls are ~4× faster than that loop, at 256 → 224 px ~2–4× slower)."""
     x = images.gather(draws.indices)                                         # (B, 3, H, W)
     boxes, flips = (t.to(images.device, non_blocking=True) for t in (draws.boxes, draws.flips))
-    return [augment.colour_on_device(crop_flip(x, boxes[v], flips[v], r.size), draws.colour[v])
-            for v, r in enumerate(recipes)]
+    per_image = images.device.type == "cpu" and max(x.shape[-2:]) > MATMUL_MAX_SIDE
+    views = []
+    for v, r in enumerate(recipes):
+        if per_image:
+            crops = augment.resized_crops(x, draws.boxes[v].tolist(), r.size)  # (B, 3, s, s)
+            crops = torch.where(flips[v][:, None, None, None], crops.flip(-1), crops)
+        else:
+            crops = crop_flip(x, boxes[v], flips[v], r.size)
+        views.append(augment.colour_on_device(crops, draws.colour[v]))
+    return views
 
 
 def build_resident_loader(images, recipes, batch_size, sampler, seed=0, num_workers=0):
