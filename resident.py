@@ -108,20 +108,33 @@ class ResidentImages:
         return batch.to(self.device, non_blocking=True)
 
 
-def array_of(base):
-    """(uint8 (N, 3, H, W) on the host, labels (N,)) of a dataset that is one array: TensorImages
-    (CIFAR, STL, the embedded set) or an image cache (read into memory here); else NotResident."""
+def array_shape(base):
+    """(N, 3, H, W) of a dataset that is one array — TensorImages (CIFAR, STL, the embedded
+    set) or an image cache (imagecache.CachedImages) — else NotResident."""
     if isinstance(base, TensorImages):
-        return base.images, base.labels
+        return tuple(base.images.shape)
     if isinstance(base, CachedImages):
-        cache = np.load(base.path, mmap_mode="r")                              # (N, 3, S, S)
-        return torch.from_numpy(cache[base.index.numpy()]), base.labels[base.index]
+        return (len(base.index), 3, base.size, base.size)
     root = getattr(base, "root", "ROOT")
     raise NotResident(
         f"the image folder '{root}' is not one array of decoded images: decoding it once at "
         f"every start would take longer than many steps. Decode it once into a cache, "
         f"'python imagecache.py --data-root {root} --out CACHE --size 256', and train with "
         f"--data-cache CACHE; or keep --data-path workers")
+
+
+def load_array(base, device, chunk=2**30):
+    """The images of ``base`` (array_shape's kinds) as one uint8 tensor on ``device``. A cache
+    is copied from its memory map ``chunk`` bytes at a time, so that a 25-GB cache bound for a
+    GPU never needs 25 GB of host memory (nor 8× that for 8 ranks on a node)."""
+    if isinstance(base, TensorImages):
+        return base.images.to(device)
+    cache = np.load(base.path, mmap_mode="r")                                  # (N, 3, S, S)
+    out = torch.empty(array_shape(base), dtype=torch.uint8, device=device)
+    step = max(1, chunk // out[0].numel())
+    for i in range(0, len(out), step):
+        out[i:i + step] = torch.from_numpy(cache[base.index[i:i + step].numpy()])
+    return out
 
 
 def free_bytes(device):
@@ -154,11 +167,12 @@ def placement(nbytes, device, in_host_memory):
 def place(base, device):
     """The training images ``base`` as ResidentImages on ``device`` (or pinned on the host),
     or NotResident saying why not."""
-    images, labels = array_of(base)
-    where = placement(images.numel(), device, isinstance(base, TensorImages))
+    nbytes = int(np.prod(array_shape(base)))
+    where = placement(nbytes, device, isinstance(base, TensorImages))
+    labels = base.labels                      # (a cache's: already those of its index)
     if where == "device" or device.type == "cpu":
-        return ResidentImages(images.to(device), labels, device)
-    return ResidentImages(images.pin_memory(), labels, device)
+        return ResidentImages(load_array(base, device), labels, device)
+    return ResidentImages(load_array(base, torch.device("cpu")).pin_memory(), labels, device)
 
 
 # ===== the draws: exactly those of the loader path =====

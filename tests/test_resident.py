@@ -173,15 +173,35 @@ def test_images_that_fit_nowhere_are_refused_naming_the_bytes_and_the_alternativ
     assert resident.placement(4 * 10**8, torch.device("cuda"), False) == "device"
 
 
-def test_an_image_folder_is_refused_naming_the_cache_command_or_left_to_workers(
-        tmp_path, run_main):
+def _image_folder(root, n=12, side=20):
     import torchvision
+    g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for c in ("a", "b"):
-            os.makedirs(tmp_path / split / c)
-            for i in range(12):
-                torchvision.io.write_png(torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8),
-                                         str(tmp_path / split / c / f"{i}.png"))
+            os.makedirs(root / split / c)
+            for i in range(n):
+                torchvision.io.write_png(torch.randint(0, 256, (3, side, side + 4),
+                                                       dtype=torch.uint8, generator=g),
+                                         str(root / split / c / f"{i}.png"))
+    return root
+
+
+def test_a_cache_is_held_image_for_image_copied_a_chunk_at_a_time(tmp_path):
+    import imagecache
+    root = _image_folder(tmp_path / "folder")
+    imagecache.build_cache(str(root), "train", str(tmp_path / "cache" / "train.npy"), 16,
+                           log_every=0)
+    base = data.build_dataset("folder", str(root), size=9, cache=str(tmp_path / "cache"))
+    held = resident.place(base, CPU)
+    assert held.images.shape == (9, 3, 16, 16) and held.labels.tolist() == [
+        base[i][1] for i in range(9)] and set(held.labels.tolist()) == {0, 1}
+    assert all(torch.equal(held.images[i], base[i][0]) for i in range(9))
+    assert torch.equal(resident.load_array(base, CPU, chunk=2 * 3 * 16 * 16), held.images)
+
+
+def test_an_image_folder_is_refused_naming_the_cache_command_or_left_to_workers(
+        tmp_path, run_main):
+    _image_folder(tmp_path)
     common = ["--method", "simclr", "--model", "cpu", "--img-size", "16", "--batch-size", "8",
               "--budget", "100", "--eval-every", "0", "--data", str(tmp_path)]
     code, out, _ = run_main([*common, "--data-path", "resident", "--out", str(tmp_path / "r")])
