@@ -240,57 +240,58 @@ def _gaussian_blur(x, sigma, k):
     return y.reshape(n, C, H, W)
 
 
-def _on(x, sel, op, *args):
-    """x with op applied to the images whose indices are in the list ``sel``; args: one list
-    per parameter of op, a value for each image of sel. (Selecting in Python, not with tensor
-    masks, keeps the cost of the branches nobody took at ~0: it matters for small batches.)"""
-    args = [torch.tensor(a, dtype=torch.float32) for a in args]
-    if len(sel) == len(x):                    # everyone: no need to pick them out
-        return op(x, *args)
-    if sel:
-        idx = torch.tensor(sel)
-        x.index_copy_(0, idx, op(x.index_select(0, idx), *args))
-    return x
-
-
 def crop_flip(images, recipe, params):
     """The geometric ops of a batch, done where the images are decoded: → float (B, 3, s, s)."""
     x = resized_crops(images, [p.box for p in params], recipe.size)
-    return _on(x, [b for b, p in enumerate(params) if p.flip], lambda y: y.flip(-1))
+    flip = [b for b, p in enumerate(params) if p.flip]
+    return _on(x, torch.tensor(flip), lambda y: y.flip(-1)) if flip else x
 
 
 def augment_batch(images, recipe, params):
     """augment for a batch, each op run once with a parameter per image: B uint8 images (3, H_b,
     W_b) (a list, or a (B, 3, H, W) tensor) and their B ViewParams → uint8 (B, 3, size,
-    size). An op runs on the images whose coin came up (``_on``); the jitter's
-    random order is four rounds, round j applying to each image the op at position j of its
-    order. Matches augment to float rounding (≲ 1e-5 before ``to_uint8``, so at most one level
-    apart after), and each image's result is the same in any batch."""
-    which = lambda taken: [b for b, p in enumerate(params) if taken(p)]
-    x = crop_flip(images, recipe, params)                                     # (B, 3, s, s)
-    for j in range(4):
-        for k, op in enumerate(_JITTER):
-            sel = which(lambda p: p.jitter and p.order[j] == k)
-            x = _on(x, sel, op, [params[b].factors[k] for b in sel])
-    x = _on(x, which(lambda p: p.gray), lambda y: _gray(y).expand(-1, 3, -1, -1).contiguous())
-    sel = which(lambda p: p.blur)
-    x = _on(x, sel, lambda y, sigma: _gaussian_blur(y, sigma, blur_size(recipe.size)),
-            [params[b].sigma for b in sel])
-    x = _on(x, which(lambda p: p.solarize), lambda y: torch.where(y >= 0.5, 1 - y, y))
-    return to_uint8(x)
+    size): the crop and flip (``crop_flip``), then the colour ops (``apply_colour``), each on
+    just the images whose coin came up. Matches augment to float rounding (≲ 1e-5 before
+    ``to_uint8``, so at most one level apart after), and each image's result is the same in
+    any batch."""
+    return to_uint8(apply_colour(crop_flip(images, recipe, params), pack_colour(params)))
+
+
+# ----- the colour ops, each on just the images whose coin came up -----
+#
+# All the draws are made on the host (draw_params), so the host knows, without reading anything
+# back from the device, which images take which op in which round. ``colour_plan`` lists those
+# steps; ``apply_colour`` sends the steps' image indices and parameters to the images' device
+# in one copy, then runs each op once on its images only (index_select → op → index_copy_): an
+# image whose coin did not come up costs nothing. ColorJitter's random order is four rounds, round j
+# applying to each jittered image the op at position j of its order; an image takes exactly one
+# op a round, so the jitter is 4 ops an image, not 16 (every op on every image, the rest thrown
+# away: 3–5× slower at 224 px, bench.py --section colour).
+#
+# The loader runs this on the CPU (augment_batch). With --augment-on device the loader stops
+# after the crop and flip and ships each view as uint8 with its colour draws packed in 13 floats
+# (``pack_colour``), and the step finishes it on the training device (``colour_on_device``).
+# Brightness, contrast and saturation are all blends f·x + (1 − f)·y (y = 0, the mean luma, the
+# luma image); they stay three ops: one merged pass would compute a luma for every image of it,
+# brightness's included, for one kernel launch less.
+# No torch.compile: the number of images an op takes changes from batch to batch, so static
+# shapes would recompile for nearly every batch; compiled over the whole batch instead (every op
+# on every image), the version before gained 2–2.5× on one CPU thread, this one 6× in eager.
+
+def _grayscale(x):
+    return _gray(x).expand(-1, 3, -1, -1).contiguous()
+
+
+def _blur(x, sigma):
+    return _gaussian_blur(x, sigma, blur_size(x.shape[-1]))
+
+
+def _solarize(x):
+    return torch.where(x >= 0.5, 1 - x, x)                       # PIL's 128 of 255
 
 
 _JITTER = (_brightness, _contrast, _saturation, _hue)      # ColorJitter's ops, by index
 
-
-# ----- the colour ops on the training device (--augment-on device) -----
-#
-# A loader process spends ~5/6 of a 224-px view on the colour ops (jitter, grayscale, blur,
-# solarize) and ~1/6 on the crop and flip (bench.py --section loader). With --augment-on device
-# the loader ships each view after its crop and flip, as uint8, with its colour draws packed in
-# 13 floats, and the step applies the colour ops on the GPU: the same functions as
-# augment_batch, each run on the whole batch and kept where the image's coin came up
-# (torch.where), so no op needs an image count or index from the host.
 
 def pack_colour(params):
     """The colour draws of B ViewParams → float (B, 13): jitter, its 4 factors, its order (4),
@@ -299,29 +300,88 @@ def pack_colour(params):
                          for p in params], dtype=torch.float32)
 
 
-def colour_on_device(crops, packed):
-    """uint8 crops (B, 3, s, s) and ``pack_colour``'s (B, 13), on one device → uint8 views:
-    augment_batch's colour ops, with the same maths per image (it equals augment_batch of the
-    same draws to one level of 255, the rounding of the shipped crop)."""
-    x = crops.float() / 255 if crops.dtype == torch.uint8 else crops.float()   # or [0, 1] floats
-    p = packed.to(crops.device, non_blocking=True)
-    on = lambda taken, y, op_y: torch.where(taken[:, None, None, None] > 0, op_y, y)  # noqa: E731
-    for j in range(4):
+def colour_plan(packed):
+    """The colour ops of a batch in the order they apply, read from its packed draws on the host:
+    packed (B, 13) on the CPU → [(op, images, values)]: the indices of the images that take op
+    (all B: None) and op's parameter for each (None for an op without one). Ops no image takes
+    are left out."""
+    rows = packed.tolist()                                      # a host tensor: no device sync
+    takes = lambda taken: [b for b, r in enumerate(rows) if taken(r)]          # noqa: E731
+    steps = []
+    for j in range(4):                  # round j: op k on the jittered images with order[j] = k
         for k, op in enumerate(_JITTER):
-            x = on(p[:, 0] * (p[:, 5 + j] == k), x, op(x, p[:, 1 + k]))
-    x = on(p[:, 9], x, _gray(x).expand(-1, 3, -1, -1))
-    x = on(p[:, 10], x, _gaussian_blur(x, p[:, 11], blur_size(x.shape[-1])))
-    x = on(p[:, 12], x, torch.where(x >= 0.5, 1 - x, x))
-    return to_uint8(x)
+            sel = takes(lambda r: r[0] and r[5 + j] == k)
+            steps.append((op, sel, [rows[b][1 + k] for b in sel]))
+    steps.append((_grayscale, takes(lambda r: r[9]), None))
+    sel = takes(lambda r: r[10])
+    steps.append((_blur, sel, [rows[b][11] for b in sel]))
+    steps.append((_solarize, takes(lambda r: r[12]), None))
+    return [(op, None if len(sel) == len(rows) else sel, values) for op, sel, values in steps
+            if sel]
+
+
+def _to_device(numbers, device):
+    """A list of floats as one float32 tensor on ``device``: one host-to-device copy, from pinned
+    memory and asynchronous where that is CUDA (the step goes on queuing kernels meanwhile)."""
+    t = torch.tensor(numbers, dtype=torch.float32)
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def apply_colour(x, packed):
+    """The colour ops of ``packed``'s draws on float views x (B, 3, s, s) in [0, 1], on any device,
+    each op on just its images (x may change in place). packed: (B, 13) float on the CPU.
+
+    The plan's indices, then its parameters, travel in one float32 tensor (indices below 2²⁴
+    are exact in float32), so the device receives one copy per call and sends nothing back."""
+    if packed.device.type != "cpu":
+        raise ValueError(f"the packed colour draws must be on the CPU (host-known, so that no op "
+                         f"waits for the device), got them on {packed.device}")
+    if packed.shape != (len(x), 13):
+        raise ValueError(f"packed colour draws of shape {tuple(packed.shape)}, expected "
+                         f"({len(x)}, 13) for {len(x)} views")
+    plan = colour_plan(packed)
+    if not plan:                                          # no coin came up: nothing to send
+        return x
+    indices = [b for _, sel, _ in plan for b in sel or []]
+    sent = _to_device(indices + [v for _, _, values in plan for v in values or []], x.device)
+    index, values = sent[:len(indices)].long(), sent[len(indices):]            # views of one copy
+    i = v = 0
+    for op, sel, vals in plan:
+        n = len(x) if sel is None else len(sel)
+        args = [] if vals is None else [values[v:v + n]]
+        x = _on(x, None if sel is None else index[i:i + n], op, *args)
+        i, v = i + (0 if sel is None else n), v + (0 if vals is None else n)
+    return x
+
+
+def _on(x, index, op, *args):
+    """x with op applied to the images at ``index`` (a tensor on x's device; None: all of
+    them), in place; args: op's parameters, one value per image taking it."""
+    if index is None:                           # everyone: no need to pick them out
+        return op(x, *args)
+    return x.index_copy_(0, index, op(x.index_select(0, index), *args))
+
+
+def colour_on_device(crops, packed):
+    """crops uint8 (B, 3, s, s) (or float in [0, 1]) on any device, and ``pack_colour``'s
+    (B, 13) float on the CPU → uint8 views on the crops' device: augment_batch's colour ops
+    (``apply_colour``: one host-to-device copy of the plan, no value read back), equal to
+    augment_batch of the same draws to one level of 255 (the rounding of the shipped crop)."""
+    x = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.to(torch.float32,
+                                                                           copy=True)
+    return to_uint8(apply_colour(x, packed))
 
 
 def to_model(views, device):
     """One view of a batch as the model takes it, normalised on ``device``: uint8 views
     (B, 3, s, s) as they are, or (crops, packed colour draws) from a loader that left the
-    colour ops to the device (data.ViewDataset(colour_on="device"))."""
+    colour ops to the device (data.ViewDataset(colour_on="device")): the crops go to the
+    device, the draws stay on the host, and colour_on_device sends the device what it needs."""
     if isinstance(views, (list, tuple)):
-        crops, packed = (t.to(device, non_blocking=True) for t in views)
-        return normalize(colour_on_device(crops, packed))
+        crops, packed = views
+        return normalize(colour_on_device(crops.to(device, non_blocking=True), packed))
     return normalize(views.to(device, non_blocking=True))
 
 

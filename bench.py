@@ -27,6 +27,11 @@ for and what can stand in its way. One function per section (``--section``):
   strategy of the default schedule (drop 0.75 and twice the base patch), beside the images/s
   one loader process makes for that method: a compressed step that outruns the loader is
   loader-bound (on CPU the workers also take cores from the step). ``--peak-tflops`` adds MFU.
+* ``colour`` (in bench_colour.py): the colour ops of --augment-on device and of the resident
+  views (``augment.colour_on_device``), each op on just the images whose coin came up,
+  against the version that ran every op on every image and kept results by ``torch.where``,
+  at 32 px (batch 256) and 224 px (batch 32; on a GPU 256 too), with their aten ops and
+  passes over the batch.
 * ``adamw`` (in bench_methods.py): one AdamW step over the parameters of the cpu and tiny
   presets (backbone + SimCLR head), PyTorch's foreach implementation against the fused one.
 
@@ -49,6 +54,7 @@ Usage::
     python bench.py --section loader --workers 0,2         # per-image vs batched augmentation
     python bench.py --section loader --loader-sizes 224 --loader-decode    # JPEG vs cache
     python bench.py --section methods,adamw                # CPU preset; --models cpu,small,base
+    python bench.py --section colour --threads 1           # the colour ops, before and after
     python bench.py --section resident --device cuda --models small --batch-size 256   # < 5 min
     python bench.py --section all --device cuda --batch-size 128 --models small --peak-tflops 989
     python bench.py --compare-timm     # also time timm's ViT of the same shape, if installed
@@ -63,6 +69,7 @@ import time
 import torch
 
 import vit
+from bench_colour import bench_colour
 from bench_loader import bench_loader, bench_resident
 from bench_methods import bench_adamw, bench_methods
 from bench_timing import interleaved_times, make_adamw, make_step
@@ -183,7 +190,7 @@ def compare_timm(args, device):
 
 
 SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods,
-            "adamw": bench_adamw, "resident": bench_resident}
+            "adamw": bench_adamw, "colour": bench_colour, "resident": bench_resident}
 
 
 # ======================================================================= main

@@ -7,8 +7,8 @@ CIFAR-10/100 and STL-10 through torchvision, and ``ImageFolderDataset`` (ImageNe
 number from a ``torch.Generator`` seeded by (seed, epoch, index), and ``ResumableSampler`` orders
 an epoch by (seed, epoch) alone, so a resumed run is bit-identical. The loader augments a whole
 batch at once (``augment_batch``), so compressed steps are not left waiting. ``EvalDataset``:
-the deterministic resize and centre crop of evaluation. The augmentations themselves live in
-augment.py, image files in imagefolder.py.
+the deterministic resize and centre crop of evaluation, as bytes. The augmentations themselves
+live in augment.py, image files in imagefolder.py.
 
 An image folder can be decoded once into a uint8 cache of squares (imagecache.py, ``python
 imagecache.py --data-root ROOT --out CACHE``), which ``build_dataset(..., cache=CACHE)`` then
@@ -27,8 +27,7 @@ import torchvision
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from augment import (MEAN, STD, augment, augment_batch, crop_flip, draw_params, pack_colour,
-                     to_uint8)
+from augment import augment, augment_batch, crop_flip, draw_params, pack_colour, to_uint8
 from cluster import ignore_preemption_signals
 from embedded import EmbeddedShapes, TensorImages, mix_seed
 from imagecache import open_cache
@@ -119,7 +118,8 @@ class ViewDataset(Dataset):
 
     ``colour_on="device"`` leaves the colour ops to the training device: each view is then a
     pair (uint8 crop after crop and flip, its packed colour draws), which
-    ``augment.to_model`` finishes where the model runs (train.py --augment-on device)."""
+    ``augment.to_model`` finishes where the model runs (train.py --augment-on device): the
+    crops go to the device, the draws stay on the host, which plans the ops from them."""
 
     def __init__(self, base, recipes, seed=0, batched=True, colour_on="loader"):
         if colour_on not in ("loader", "device"):
@@ -161,24 +161,29 @@ class ViewDataset(Dataset):
 
 
 def eval_transform(img_size):
-    """uint8 (3, h, w) → normalised float (3, img_size, img_size): resize the shorter side to
-    img_size/0.875 (256 for 224), centre crop; an image already img_size² is only normalised."""
+    """uint8 (3, h, w) → uint8 (3, img_size, img_size): resize the shorter side to img_size/0.875
+    (256 for 224) in float with antialiasing, centre crop, and round back to bytes
+    (``to_uint8``: each pixel within half a level of the float resize, so within 0.5/255/std ≲
+    0.009 of the float path once normalised); an image already img_size² passes unchanged.
+    Normalised where the model runs (augment.normalize), as training's views are."""
     def transform(img):
-        x = F.to_dtype(img, torch.float32, scale=True)
-        if tuple(x.shape[-2:]) != (img_size, img_size):
-            x = F.resize(x, [round(img_size / 0.875)], antialias=True).clamp(0, 1)
-            x = F.center_crop(x, [img_size, img_size])
-        return F.normalize(x, MEAN, STD)
+        if tuple(img.shape[-2:]) == (img_size, img_size):
+            return img
+        x = F.resize(F.to_dtype(img, torch.float32, scale=True), [round(img_size / 0.875)],
+                     antialias=True)
+        return to_uint8(F.center_crop(x, [img_size, img_size]))
     return transform
 
 
 class EvalDataset(Dataset):
-    """A base dataset seen through ``eval_transform``: items (float (3, s, s), label).
-    ``subset=N`` keeps N of its items, a random choice fixed by seed 0 (whatever the run's
-    seed, so every run of a comparison is measured against the same images)."""
+    """A base dataset seen through ``eval_transform``: items (uint8 (3, s, s), label), a quarter
+    of float32's shared memory through a loader. ``subset=N`` keeps N of its items, a random
+    choice fixed by seed 0 (whatever the run's seed, so every run of a comparison is measured
+    against the same images). ``as_tensors()``: its images as one tensor, where the base already
+    holds them so at the eval size (no loader needed)."""
 
     def __init__(self, base, img_size, subset=None):
-        self.base, self.transform = base, eval_transform(img_size)
+        self.base, self.img_size, self.transform = base, img_size, eval_transform(img_size)
         self.classes = getattr(base, "classes", None)
         self.index = list(range(len(base)))
         if subset is not None and subset < len(base):
@@ -191,6 +196,18 @@ class EvalDataset(Dataset):
     def __getitem__(self, i):
         img, label = self.base[self.index[i]]
         return self.transform(img), label
+
+    def as_tensors(self):
+        """(uint8 images (N, 3, s, s), labels (N,)): the items, all at once, where the base holds
+        its images as one tensor of the eval size (TensorImages: CIFAR-10/100, the embedded set;
+        items are then its images as they are); None otherwise."""
+        images = getattr(self.base, "images", None)
+        if not torch.is_tensor(images) or tuple(images.shape[-2:]) != (self.img_size,) * 2:
+            return None
+        if len(self.index) == len(images):
+            return images, self.base.labels
+        index = torch.tensor(self.index)
+        return images[index], self.base.labels[index]
 
 
 # ===== sampling: resumable and distributed =====

@@ -20,8 +20,8 @@ import torch
 
 import vit
 from checkpoint import load_backbone
-from protocols import (PROBE_LRS, feature_loader, percent_correct, extract_features, finetune, knn_classify,
-                       linear_probe, raw_pixel_knn, select_probe_lr)
+from protocols import (PROBE_LRS, dataset_features, finetune, knn_classify, linear_probe,
+                       percent_correct, raw_pixel_knn, select_probe_lr)
 
 
 def parse_args(argv=None):
@@ -148,8 +148,8 @@ def _measure(args, backbone, train_set, val_set, num_classes, device):
         table.append(f"PX {acc:.1f}")
     if args.knn or args.linear:
         backbone.to(device)
-        feats = [extract_features(backbone, feature_loader(ds, args.batch_size, args.num_workers, device),
-                                  device) for ds in (train_set, val_set)]
+        feats = [dataset_features(backbone, ds, device, args.batch_size, args.num_workers)
+                 for ds in (train_set, val_set)]
         (train_feats, train_labels), (val_feats, val_labels) = feats
         results["feature_seconds"] = round(time.time() - start, 1)
     if args.knn:

@@ -2,8 +2,8 @@
 
 Concern: the experiments of the paper (Figs. 1, 3–8; Table 2) and the second paper's views
 question, run with several seeds and reported as mean and range. Every number comes from
-train.py / eval.py / probe.py / schedule.py runs started here; nothing is computed any other way. Runs
-go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
+train.py / eval.py / probe.py / schedule.py runs started here, read back from their committed
+records (figures_tables.py); nothing is computed any other way. Runs go two at a time, one thread each (``--jobs``), so that the runs compared share the machine
 equally.
 
     D="--data folder --data-root data/cifar10"      # the README's figures (CIFAR-10 JPEGs)
@@ -14,10 +14,12 @@ equally.
     python figures.py views $D                      # second paper: views × data, × compression
     python figures.py views $D --full-size 4500     # the same where data is scarce (10 %)
     python figures.py auto --method simclr $D       # §5: --accel auto's probe points, batches, grid
+    python figures.py tables                        # every table and PNG again, from the records
 
 Without ``--data`` the runs use the embedded dataset (minutes, a look at the machinery only).
 How runs are named, reused and resumed: figures_runs.py; seeds, mean and range and the
-speed-up factor of Fig. 1: figures_stats.py.
+speed-up factor of Fig. 1: figures_stats.py; how a table is made from the runs' records alone
+(``tables``): figures_tables.py.
 """
 import argparse
 import json
@@ -26,9 +28,8 @@ import subprocess
 import sys
 import time
 
-import plots  # the PNGs (matplotlib, optional)
-from figures_runs import ROOT, evaluate, read_run, run_all, spec
-from figures_stats import speedups, spread, summary, table
+import figures_tables  # every table and PNG, from the runs' records
+from figures_runs import ROOT, evaluate, run_all, spec
 
 # The constant strategies compared with the baseline (p0 = 4 on 32-px images): token dropout
 # on the query (the online / student view), and patch scaling 4 → 8 on both roles (64 → 16
@@ -39,50 +40,29 @@ PROBE_AT = (0, 25, 50, 75)
 
 
 # ======================================================================== reporting
-def report(folder, text, results):
-    print(text)
-    with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-
-
-def describe(args):
-    return (f"{args.dataset}, CPU preset, seeds {','.join(map(str, args.seed_list))} "
-            f"(constants: {','.join(map(str, args.seed_list[:args.constant_seeds]))})")
-
-
-GROUP_HEADER = ["run", "seeds", "strategy (seed 0)", "steps", "NN %", "LP %", "train min",
-                "speed-up (units)", "speed-up (wall)"]
-
-
-def group_rows(args, groups, base_name="baseline"):
-    """One table row per named group of runs ({name: [folders, seed by seed]}): strategy,
-    steps, final NN and LP (eval.py), training minutes and the speed-up over the baseline of
-    the same seed, each as mean (range). Returns (table text, results, {name: [read_run]})."""
-    evals = evaluate([o for outs in groups.values() for o in outs], args)
-    runs = {n: [read_run(o) for o in outs] for n, outs in groups.items()}
-    rows, results = [], {}
-    for n, outs in groups.items():
-        rs = runs[n]
-        pairs = [speedups(b, r) for b, r in zip(runs[base_name], rs)] if n != base_name else []
-        nn, lp = [evals[o][0] for o in outs], [evals[o][1] for o in outs]
-        minutes = [r["curve"][-1][1] / 60 for r in rs]
-        rows.append((n, len(outs), " → ".join(rs[0]["strategies"]), rs[0]["steps"], spread(nn),
-                     spread(lp), spread(minutes), spread([p[0] for p in pairs]) if pairs else "1",
-                     spread([p[1] for p in pairs]) if pairs else "1"))
-        results[n] = dict(row=rows[-1], runs=outs, nn=summary(nn), lp=summary(lp),
-                          minutes=summary(minutes), speedup_units=summary([p[0] for p in pairs]),
-                          speedup_wall=summary([p[1] for p in pairs]),
-                          curves=[r["curve"] for r in rs], strategies=rs[0]["strategies"],
-                          probe_units=[r["probe_units"] for r in rs])
-    return table(GROUP_HEADER, rows), results, runs
+def write_figure(args, rows, order=None):
+    """The figure's list of runs — ``rows`` {row name: [run folders]} over the rows of an
+    earlier sitting not run now (their runs are re-read, not re-run), in ``order`` (a key
+    function of the row name; default: as given, earlier rows after) — then its table, its
+    results.json and its PNG from the runs' records (figures_tables.py)."""
+    path, manifest = os.path.join(args.folder, "results.json"), {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        manifest = {k: dict(runs=v["runs"], lost=v.get("lost", [])) for k, v in
+                    (old.items() if isinstance(old, dict) else []) if isinstance(v, dict)
+                    and "runs" in v and k not in rows}
+    manifest = {**{n: dict(runs=outs, lost=[]) for n, outs in rows.items()}, **manifest}
+    if order is not None:
+        manifest = {k: manifest[k] for k in sorted(manifest, key=order)}
+    return figures_tables.render(args.folder, manifest)
 
 
 # ========================================================================== figures
 def fig_cost(args):
     """Fig. 3: one sample's cost over the query's drop × patch, relative to the uncompressed
-    sample, for ``--method`` with its heads: the FLOP model next to timed forward passes."""
+    sample, for ``--method`` with its heads: the FLOP model next to timed forward passes.
+    The measurement is the figure's record (results.json)."""
     import compress
     import methods
     import vit
@@ -92,98 +72,62 @@ def fig_cost(args):
     models = {mode: compress.CostModel(model, mode, heads=heads, reps=args.reps)
               for mode in ("flops", "measured")}
     base = {mode: c.sample_units(name, compress.NONE.resolve(2)) for mode, c in models.items()}
-    rows, results = [], []
+    cells = []
     for p in patches:
-        row = [p]
         for d in drops:
             s = compress.Strategy(q=compress.ViewCompression(d, None if p == model.patch_size
                                                               else p), views=2)
             f, m = (models[k].sample_units(name, s) / base[k] for k in ("flops", "measured"))
-            results.append(dict(drop=d, patch=p, flops=f, measured=m))
-            row.append(f"{f:.2f} ({m:.2f})")
-        rows.append(row)
-    ratios = [r["measured"] / r["flops"] for r in results]
-    text = (f"Cost of one {name} training sample on ViT-{args.model} ({model.img_size} px, p0 = "
-            f"{model.patch_size}), heads counted, the query compressed and the key not, relative "
-            f"to the uncompressed sample ({base['flops']:.2f} units by the model, "
-            f"{base['measured']:.2f} timed): FLOP model (timed forward passes of backbone + head, "
-            f"median of {args.reps} batches of 32). measured / model: {min(ratios):.2f}–{max(ratios):.2f}"
-            "\n\n" + table(["patch \\ drop", *[f"{d:g}" for d in drops]], rows))
-    report(args.folder, text, results)
-    plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, drops)
+            cells.append(dict(drop=d, patch=p, flops=f, measured=m))
+    record = dict(method=name, model=args.model, img_size=model.img_size, p0=model.patch_size,
+                  reps=args.reps, base_flops=base["flops"], base_measured=base["measured"],
+                  cells=cells)
+    figures_tables.render(args.folder, record)
+
+
+def budget_order(names):
+    """Rows "<name> <budget>" by budget in units, then as ``names``."""
+    import options
+    return lambda k: (options.parse_units(k.split()[-1]), names.index(k.split()[0])
+                      if k.split()[0] in names else len(names))
 
 
 def by_budget(args, variants, seeds):
     """Each (name, extra flags) of ``variants`` at each budget of --budgets, with ``seeds``,
-    the first variant the reference; → (table rows, results) with final NN, LP and the NN
-    gain over the reference of the same budget and seed. An earlier sitting's rows at budgets
-    not run now (the figure's results.json) are kept, so budgets can be added one at a time."""
-    groups = {(name, b): [spec(args, args.method, name, b, s, *extra) for s in seeds]
+    the first variant the reference (NN gain paired by seed); run, evaluated, then written
+    with an earlier sitting's rows at other budgets (write_figure)."""
+    groups = {f"{name} {b}": [spec(args, args.method, name, b, s, *extra) for s in seeds]
               for b in args.budgets.split(",") for name, extra in variants}
     run_all([r for g in groups.values() for r in g], args)
-    evals = evaluate([o for g in groups.values() for o, _ in g], args)
-    reference = variants[0][0]
-    results = {}
-    for (name, b), g in groups.items():
-        nn, lp = [evals[o][0] for o, _ in g], [evals[o][1] for o, _ in g]
-        delta = [x - evals[o][0] for x, (o, _) in zip(nn, groups[reference, b])]
-        row = (b, name, len(g), read_run(g[0][0])["steps"], spread(nn), spread(lp),
-               "" if name == reference else spread(delta))
-        results[f"{name} {b}"] = dict(row=row, runs=[o for o, _ in g], nn=summary(nn),
-                                      lp=summary(lp), nn_minus_reference=summary(delta))
-    results = earlier_budgets(args, results, [name for name, _ in variants])
-    return [r["row"] for r in results.values()], results
-
-
-def earlier_budgets(args, results, names):
-    """``results`` ({"<name> <budget>": ...}) with the figure's earlier entries of ``names`` at
-    budgets not run now, ordered by budget in units, then as ``names``."""
-    import options
-    path, old = os.path.join(args.folder, "results.json"), {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-    units = lambda key: options.parse_units(key.split()[-1])  # noqa: E731
-    now = {options.parse_units(b) for b in args.budgets.split(",")}
-    merged = {**{k: v for k, v in old.items() if units(k) not in now and "row" in v
-                 and k.split()[0] in names}, **results}
-    return {k: merged[k] for k in sorted(merged, key=lambda k: (units(k),
-                                                                names.index(k.split()[0])))}
+    evaluate([o for g in groups.values() for o, _ in g], args)
+    write_figure(args, {k: [o for o, _ in g] for k, g in groups.items()},
+                 budget_order([name for name, _ in variants]))
 
 
 def fig_constant(args):
     """Fig. 7 / Table 2: baseline, constant dropout and constant patch scaling at several
     budgets (each budget its own run and learning-rate schedule); final NN and LP."""
-    rows, results = by_budget(args, [("baseline", []), ("drop", ["--accel", DROP]),
-                                     ("patch", ["--accel", PATCH])],
-                              args.seed_list[:args.constant_seeds])
-    text = (f"{args.method}: constant strategies ({DROP}, {PATCH}) against the baseline at "
-            f"equal budgets ({describe(args)})\n\n"
-            + table(["budget", "run", "seeds", "steps", "NN %", "LP %", "NN − baseline"], rows))
-    report(args.folder, text, results)
-    plot_budgets(args, results, f"{args.method}: constant strategies against the budget "
-                                f"({args.dataset}, mean and range)")
+    by_budget(args, [("baseline", []), ("drop", ["--accel", DROP]), ("patch", ["--accel", PATCH])],
+              args.seed_list[:args.constant_seeds])
 
 
 def probe_and_build(args, base_out):
     """Fig. 4 and the paper's offline schedule (§5): probe.py at the baseline's stage
     checkpoints (heatmaps per stage), then build = argmin CA-MSE per stage. Returns the
-    schedule's path and the probes' cost in units."""
-    probes, units = [], 0.0
+    schedule's path."""
+    probes = []
     for pct in PROBE_AT:
         out = os.path.join(args.folder, f"probe_{pct}.json")
         if args.fresh or not os.path.isfile(out):
             subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "--ckpt",
                             os.path.join(base_out, f"ckpt_{pct}.pt"), "--grid", PROBE_GRID,
                             "--out", out], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        with open(out) as f:
-            units += json.load(f)["units_spent"]
         probes.append(out)
     sched = os.path.join(args.folder, "schedule.json")
     subprocess.run([sys.executable, os.path.join(ROOT, "schedule.py"), "build", *probes,
                     "--out", sched, "--png", os.path.join(args.folder, "schedule.png")],
                    check=True, cwd=ROOT)
-    return sched, units
+    return sched
 
 
 def fig_compare(args):
@@ -195,58 +139,22 @@ def fig_compare(args):
     base = [spec(args, m, "baseline", b, s) for s in seeds]
     drop = [spec(args, m, "drop", b, s, "--accel", DROP) for s in consts]
     run_all(base + drop, args)
-    sched, probe_units = probe_and_build(args, base[0][0])
+    sched = probe_and_build(args, base[0][0])
     groups = dict(baseline=base, drop=drop,
                   patch=[spec(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
                   schedule=[spec(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
                   auto=[spec(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
     run_all(groups["schedule"] + groups["auto"] + groups["patch"], args)
-    text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
-    auto_units = results["auto"]["probe_units"]
-    budget = runs["baseline"][0]["budget"]
-    text = (f"{m}, budget {b} units ({describe(args)}), {args.jobs} runs at a time. Speed-up: "
-            "budget (or training time) at which a run first reaches the final k-NN of the "
-            "baseline of its seed, divided into the baseline's; mean (range) over seeds.\n"
-            f"Offline schedule: its probes of the baseline's checkpoints cost {probe_units:,.0f} "
-            f"units ({probe_units / budget:.1%} of the budget, not charged to its run) after a "
-            f"baseline run; auto's probes cost {spread(auto_units, 0)} units, charged to its "
-            "budget.\n\n" + text)
-    results["offline_probe_units"] = probe_units
-    report(args.folder, text, results)
-    plot_curves(args, results, f"{m}: k-NN vs budget and training time ({args.dataset}, "
-                               "mean and range)")
-
-
-def plot_budgets(args, results, title):
-    """Fig. 7 / Fig. 5 from by_budget's results ({"<name> <budget>": nn, lp, ...}): final NN
-    and LP against the budget, a bar over seeds: accuracy_vs_budget.png."""
-    import options
-    lines = {}
-    for key, r in results.items():
-        name, budget = key.split()
-        lines.setdefault(name, []).append((options.parse_units(budget), r["nn"], r["lp"]))
-    plots.plot_budgets(os.path.join(args.folder, "accuracy_vs_budget.png"), lines, title)
-
-
-def plot_curves(args, results, title):
-    """Fig. 1's k-NN curves of group_rows' results, a band over seeds: knn_vs_budget.png."""
-    plots.plot_bands(os.path.join(args.folder, "knn_vs_budget.png"),
-                     {n: r["curves"] for n, r in results.items() if isinstance(r, dict)}, title)
+    evaluate([o for g in groups.values() for o, _ in g], args)
+    rows = {n: [o for o, _ in g] for n, g in groups.items()}
+    write_figure(args, rows, order=list(rows).index)
 
 
 def fig_decay(args):
     """Figs. 5/6: cosine against polynomial decay 1 − t² of the learning rate for the
     baseline, at each budget of ``--budgets`` (the paper: the polynomial schedule wins under
     a tight budget)."""
-    rows, results = by_budget(args, [("baseline", []), ("poly", ["--lr-schedule", "poly"])],
-                              args.seed_list)
-    text = (f"{args.method}: learning-rate decay after warm-up, cosine (baseline) against "
-            f"polynomial (poly), at equal budgets ({describe(args)}; the same seed pairs each "
-            "difference)\n\n"
-            + table(["budget", "decay", "seeds", "steps", "NN %", "LP %", "NN − cosine"], rows))
-    report(args.folder, text, results)
-    plot_budgets(args, results, f"{args.method}: cosine (baseline) against polynomial decay "
-                                f"(poly) ({args.dataset}, mean and range)")
+    by_budget(args, [("baseline", []), ("poly", ["--lr-schedule", "poly"])], args.seed_list)
 
 
 def training_images(args):
@@ -276,14 +184,9 @@ def fig_views(args):
         "4 views at drop 0.5": [spec(args, "multiview", "v4drop" + n, b, s, *size, "--views",
                                      "4", "--accel", "qk:drop=0.5") for s in seeds]}
     run_all([r for g in groups.values() for r in g], args)
-    text, results, _ = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()},
-                                  base_name="2 views, all images")
-    text = (f"multi-view loss, budget {b} units ({describe(args)}; all = "
-            f"{full or 'the training split'}, half = {half} images): "
-            "speed-up against 2 views on all images of the same seed\n\n" + text)
-    report(args.folder, text, results)
-    plot_curves(args, results, f"multi-view loss: k-NN vs budget and training time "
-                               f"({args.dataset}, mean and range)")
+    evaluate([o for g in groups.values() for o, _ in g], args)
+    rows = {n: [o for o, _ in g] for n, g in groups.items()}
+    write_figure(args, rows, order=list(rows).index)
 
 
 # --accel auto's choices, each against the default (4 probe points, 4 batches per probe, the
@@ -297,72 +200,41 @@ AUTO_VARIANTS = [
     ("auto, cheapest within 1.5× of the least CA-MSE", "autotol15", ["--auto-tolerance", "1.5"]),
 ]
 AUTO_NAMES = [name for _, name, _ in AUTO_VARIANTS]
-
-
-def earlier_rows(args, results):
-    """``results`` with the rows of an earlier sitting (the figure's results.json) that this one
-    did not run, kept when measured against baseline runs of the same names, in AUTO_VARIANTS'
-    order. Every entry keeps the baseline NN it was measured against (``baseline_nn``)."""
-    path, old = os.path.join(args.folder, "results.json"), {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-    base = results["baseline"]["nn"]["values"]
-    for r in results.values():
-        r["baseline_nn"] = base
-    if old.get("baseline", {}).get("runs") != results["baseline"]["runs"]:
-        return results
-    merged = {}
-    for n in ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]:
-        r = results.get(n) or old.get(n)
-        if r is not None and "row" in r:
-            merged[n] = dict(r, baseline_nn=r.get("baseline_nn", old["baseline"]["nn"]["values"]))
-    return merged
-
-
-def marked_rows(results):
-    """The table's rows; a row measured against other baseline NN values than this table's
-    (its baselines re-run since: the same seeds, a float-level difference grown over training)
-    is marked †, and a note gives those values."""
-    base, rows, notes = results["baseline"]["nn"]["values"], [], []
-    for r in results.values():
-        against = r.get("baseline_nn", base)
-        rows.append(r["row"] if against == base else [f"{r['row'][0]} †", *r["row"][1:]])
-        note = (f"\n† measured against an earlier sitting's baseline runs of the same seeds "
-                f"(NN {spread(against)}), re-run since")
-        if against != base and note not in notes:
-            notes.append(note)
-    return rows, "".join(notes)
+AUTO_ROWS = ["baseline", *[row for row, _, _ in AUTO_VARIANTS]]
 
 
 def fig_auto(args):
     """§5 online: what each choice of --accel auto does at equal total compute (its probes
     charged to its budget): probe points, batches per probe, grid. Against the baseline of
-    the same seed; the probes' cost beside each (default auto's runs are compare's). A sitting
-    that runs some of --variants keeps the others' rows of an earlier sitting (results.json)."""
+    the same seed; the probes' cost beside each. A sitting that runs some of --variants keeps
+    the others' rows of an earlier sitting (re-read from their records)."""
     m, b, seeds = args.method, args.budget, args.seed_list
     variants = [v for v in AUTO_VARIANTS if v[1] in args.variants]
     groups = {"baseline": [spec(args, m, "baseline", b, s) for s in seeds]}
     for row, name, extra in variants:
         groups[row] = [spec(args, m, name, b, s, "--accel", "auto", *extra) for s in seeds]
     run_all([r for g in groups.values() for r in g], args)
-    _, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
-    results = earlier_rows(args, results)
-    rows, note = marked_rows(results)
-    budget = runs["baseline"][0]["budget"]
-    costs = [f"* {row}: its probes spent "
-             f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget"
-             for row, r in results.items() if row != "baseline"]
-    text = (f"{m}, budget {b} units ({describe(args)}): --accel auto's choices, probes charged "
-            f"to the budget; speed-up against the baseline of the same seed\n\n"
-            + table(GROUP_HEADER, rows) + note + "\n\n"
-            + "\n".join(costs))
-    report(args.folder, text, results)
-    plot_curves(args, results, f"{m}: --accel auto's choices ({args.dataset}, mean and range)")
+    evaluate([o for g in groups.values() for o, _ in g], args)
+    write_figure(args, {n: [o for o, _ in g] for n, g in groups.items()},
+                 order=lambda k: AUTO_ROWS.index(k) if k in AUTO_ROWS else len(AUTO_ROWS))
+
+
+def fig_tables(args):
+    """Every figure under --out (table.md, results.json, PNG) from the committed records
+    alone: nothing trained, nothing evaluated."""
+    folders = figures_tables.figure_folders(args.out)
+    if not folders:
+        raise SystemExit(f"error: no figure under --out {args.out} (figs/<dataset>/<figure>/"
+                         "results.json)")
+    for folder in folders:
+        print(f"== {folder}")
+        figures_tables.render(folder)
+    for folder in figures_tables.figure_folders(args.out, known=False):
+        print(f"note: {folder} is no figure figures_tables.py renders; left as it is")
 
 
 FIGURES = {"cost": fig_cost, "constant": fig_constant, "compare": fig_compare,
-           "decay": fig_decay, "views": fig_views, "auto": fig_auto}
+           "decay": fig_decay, "views": fig_views, "auto": fig_auto, "tables": fig_tables}
 
 
 def parse_args(argv=None):
@@ -451,8 +323,9 @@ def figure_folder(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.folder = figure_folder(args)
-    os.makedirs(args.folder, exist_ok=True)
+    if args.figure != "tables":
+        args.folder = figure_folder(args)
+        os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()
     FIGURES[args.figure](args)
     print(f"{args.figure}: {(time.time() - t0) / 60:.1f} min")

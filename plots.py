@@ -1,8 +1,8 @@
 """Every drawing of the project: the figures' PNGs, with matplotlib (optional).
 
 Concern: turning numbers that other files computed into the paper's plots: the k-NN curves of
-the speed-up (Fig. 1, figures.py compare), final accuracy against the budget (Figs. 7 and 5,
-figures.py constant and decay), the sample cost over drop × patch (Fig. 3, figures.py cost),
+the speed-up (Fig. 1, figures.py compare, and the README's picture), final accuracy against
+the budget (Figs. 7 and 5, figures.py constant and decay), the sample cost over drop × patch (Fig. 3, figures.py cost),
 the gradient-error heatmaps (Fig. 4, probe.py and schedule.py build) and the learning-rate
 schedules (Fig. 6, schedule.py lr). matplotlib is imported inside each function,
 so nothing else needs it; without it a function prints a note and returns None (a table is
@@ -57,6 +57,34 @@ def plot_bands(path, curves, title):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_speedup(path, base, run, names, target, caption):
+    """Fig. 1 for the README: the k-NN level against the budget of a baseline and one
+    accelerated run, each the mean over seeds with the range as a band, the baseline's end
+    level (the target) dashed, and ``caption`` (the speed-up) as the title. base, run:
+    [one curve per seed], a curve [(units, k-NN %)] (figures_stats.levels' output)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for curves, name in zip((base, run), names):
+        n = min(len(c) for c in curves)
+        x = [sum(c[j][0] for c in curves) / len(curves) / 1e3 for j in range(n)]
+        acc = [[c[j][1] for c in curves] for j in range(n)]
+        line, = ax.plot(x, [sum(a) / len(a) for a in acc], marker="o", ms=3, label=name)
+        ax.fill_between(x, [min(a) for a in acc], [max(a) for a in acc],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    ax.axhline(target, ls="--", color="grey", lw=1, label="the baseline's end level")
+    ax.set_xlabel("budget spent (k units: forward passes of the uncompressed ViT)")
+    ax.set_ylabel("k-NN top-1 (%), 3-evaluation mean")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(caption, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from augment import normalize
 from cluster import ignore_preemption_signals
 from distributed import gather_no_grad, rank_world
 from run import weight_decay_groups
@@ -28,6 +29,12 @@ from schedule import learning_rate
 
 
 # ============================================================================== features
+# Evaluation images travel as uint8 (data.EvalDataset) and are normalised where the backbone
+# runs (augment.normalize), as training's views are: a quarter of float32's shared memory and
+# host-to-device traffic. Where the images are already one tensor of the eval size (CIFAR's
+# arrays, the embedded set, the resident training set), features are taken from it in slices,
+# with no loader at all (``tensor_features``).
+
 def feature_loader(dataset, batch_size, num_workers=0, device="cpu", shuffle=False, generator=None):
     """Workers ignore preemption signals, as training's do (cluster.py): train.py evaluates
     with them, and a worker killed by a job-wide SIGTERM would fail the evaluation."""
@@ -35,6 +42,13 @@ def feature_loader(dataset, batch_size, num_workers=0, device="cpu", shuffle=Fal
                       num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                       drop_last=shuffle and len(dataset) > batch_size,
                       worker_init_fn=ignore_preemption_signals)
+
+
+def model_input(images, device):
+    """A batch as the backbone takes it, on ``device``: uint8 images are normalised there
+    (augment.normalize); float images are taken as already normalised."""
+    images = images.to(device, non_blocking=True)
+    return normalize(images) if images.dtype == torch.uint8 else images
 
 
 def _autocast(device):
@@ -45,8 +59,10 @@ def _autocast(device):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device):
-    """Final-norm class tokens of every image of ``loader``: (feats (N, D) float32, labels (N,)).
+def extract_features(backbone, batches, device):
+    """Final-norm class tokens of every image of ``batches`` (a loader, or any iterable of
+    (images, labels); uint8 images are normalised on ``device``): (feats (N, D) float32,
+    labels (N,)).
 
     The backbone must already be on ``device``; the features stay there. Evaluation mode
     (no token dropout) for the pass; the backbone's training flag is restored afterwards, so
@@ -56,9 +72,9 @@ def extract_features(backbone, loader, device):
     backbone.eval()
     feats, labels = [], []
     try:
-        for images, y in loader:
+        for images, y in batches:
             with _autocast(device):
-                f = backbone(images.to(device, non_blocking=True))   # (B, D)
+                f = backbone(model_input(images, device))                  # (B, D)
             feats.append(f.float())
             labels.append(torch.as_tensor(y).to(device))
     finally:
@@ -67,6 +83,27 @@ def extract_features(backbone, loader, device):
         return torch.zeros(0, backbone.dim, device=device), torch.zeros(0, dtype=torch.long,
                                                                         device=device)
     return torch.cat(feats), torch.cat(labels).long()
+
+
+def tensor_features(backbone, images, labels, device, batch_size=256):
+    """Features of uint8 images (N, 3, s, s) held as one tensor, on the host or already on
+    ``device`` (the resident training set), in slices of ``batch_size``, no DataLoader:
+    (feats (N, D) float32, labels (N,)) on ``device``."""
+    return extract_features(backbone, ((images[i:i + batch_size], labels[i:i + batch_size])
+                                       for i in range(0, len(images), batch_size)), device)
+
+
+def dataset_features(backbone, dataset, device, batch_size=256, num_workers=0, rank=0, world=1,
+                     pad=False):
+    """Features of rank's ``shard`` of ``dataset``: from its images as one tensor where it has
+    them (data.EvalDataset.as_tensors), else through a loader with ``num_workers`` processes."""
+    tensors = dataset.as_tensors() if hasattr(dataset, "as_tensors") else None
+    if tensors is None:
+        return extract_features(backbone, feature_loader(shard(dataset, rank, world, pad),
+                                                         batch_size, num_workers, device), device)
+    index = torch.tensor(shard_index(len(dataset), rank, world, pad), dtype=torch.long)
+    images, labels = tensors if world == 1 else (t[index] for t in tensors)
+    return tensor_features(backbone, images, labels, device, batch_size)
 
 
 # =================================================================================== k-NN
@@ -108,19 +145,20 @@ def percent_correct(preds, labels):
 
 def knn_accuracy(backbone, train_set, val_set, device, k=20, temperature=0.07, batch_size=256,
                  num_workers=0):
-    """NN top-1 (%) of ``backbone`` (on ``device``): datasets give (normalised image, label).
+    """NN top-1 (%) of ``backbone`` (on ``device``): datasets give (image, label), uint8 images
+    (data.EvalDataset) or already normalised floats; from the datasets' tensors where they have
+    them (``dataset_features``).
 
     Under several processes (train.py's evaluations), every rank extracts the features of its
     share of both sets with ``num_workers`` loader processes; the bank's are gathered so that
     every rank holds all of them, in order, and each rank classifies its share of the
     validation images: one process's accuracy, in 1/W of its time, with no rank idle."""
     rank, world = rank_world()
-    train_feats, train_labels = extract_features(
-        backbone, feature_loader(shard(train_set, rank, world, pad=True), batch_size, num_workers,
-                          device), device)
+    train_feats, train_labels = dataset_features(backbone, train_set, device, batch_size,
+                                                 num_workers, rank, world, pad=True)
     train_feats, train_labels = (unshard(x, len(train_set)) for x in (train_feats, train_labels))
-    val_feats, val_labels = extract_features(
-        backbone, feature_loader(shard(val_set, rank, world), batch_size, num_workers, device), device)
+    val_feats, val_labels = dataset_features(backbone, val_set, device, batch_size, num_workers,
+                                             rank, world)
     preds = knn_classify(train_feats, train_labels, val_feats, k, temperature,
                          num_classes=_num_classes(train_set, train_labels)) if len(val_feats) \
         else val_labels                                       # an empty share (more ranks)
@@ -131,15 +169,16 @@ def knn_accuracy(backbone, train_set, val_set, device, k=20, temperature=0.07, b
     return 100.0 * float(counts[0] / counts[1])
 
 
+def shard_index(n, rank, world, pad=False):
+    """Rank r's share of n items: r, r+W, r+2W, ... With ``pad``, every share has ⌈n/W⌉ items
+    (the last item repeated), as an all-gather needs equal sizes."""
+    index = list(range(rank, n, world))
+    return index + [n - 1] * (math.ceil(n / world) - len(index)) if pad else index
+
+
 def shard(dataset, rank, world, pad=False):
-    """Rank r's share of ``dataset``: items r, r+W, r+2W, ... With ``pad``, every share has
-    ⌈N/W⌉ items (the last item repeated), as an all-gather needs equal sizes."""
-    if world == 1:
-        return dataset
-    index = list(range(rank, len(dataset), world))
-    if pad:
-        index += [len(dataset) - 1] * (math.ceil(len(dataset) / world) - len(index))
-    return Subset(dataset, index)
+    """Rank r's share of ``dataset`` (``shard_index``), as a Subset."""
+    return dataset if world == 1 else Subset(dataset, shard_index(len(dataset), rank, world, pad))
 
 
 def unshard(rows, n):
@@ -160,7 +199,8 @@ def raw_pixel_knn(train_set, val_set, k=20, temperature=0.07):
     (position, size, colour, background) dominate pixel space, so it stays far below what
     augmentation-invariant features reach. Holds N × 3·H·W floats: meant for small images."""
     def pixels(ds):
-        xs, ys = zip(*[(x.flatten(1), torch.as_tensor(y)) for x, y in feature_loader(ds, 512)])
+        xs, ys = zip(*[(model_input(x, "cpu").flatten(1), torch.as_tensor(y))
+                       for x, y in feature_loader(ds, 512)])
         return torch.cat(xs).float(), torch.cat(ys).long()            # (N, 3·H·W), (N,)
     (xtr, ytr), (xva, yva) = pixels(train_set), pixels(val_set)
     preds = knn_classify(xtr, ytr, xva, k, temperature, num_classes=_num_classes(train_set, ytr))
@@ -288,7 +328,7 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
         for images, labels in loader:
             for group in opt.param_groups:                  # warm-up, then cosine to 0
                 group["lr"] = learning_rate((step + 1) / total, lr, warmup=warm / total)
-            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            images, labels = model_input(images, device), torch.as_tensor(labels).to(device)
             if augment:
                 images = _augment(images, g)
             with _autocast(device):
@@ -297,7 +337,6 @@ def finetune(backbone, train_set, val_set, num_classes, device, epochs=10, lr=5e
             loss.backward()
             opt.step()
             step += 1
-    feats, labels = extract_features(encoder, feature_loader(val_set, batch_size, num_workers, device),
-                                     device)
+    feats, labels = dataset_features(encoder, val_set, device, batch_size, num_workers)
     with torch.no_grad():
         return percent_correct(head(feats).argmax(1), labels)

@@ -61,6 +61,17 @@ def test_adamw_section_times_foreach_against_fused(tmp_path, capsys):
     assert row.endswith("×") and results["adamw"]["rows"][0]["ms_fused"] > 0
 
 
+def test_colour_section_times_the_colour_ops_before_and_after(tmp_path, capsys, monkeypatch):
+    import bench_colour
+    monkeypatch.setitem(bench_colour.COLOUR_SHAPES, "cpu", ((16, 8, 1),))     # tiny
+    lines, results = run(["--section", "colour"], tmp_path, capsys)
+    [row] = [line.split() for line in lines if re.match(r"\s+16 ", line)]
+    [r] = results["colour"]
+    assert row[:2] == ["16", "8"] and row[4].endswith("×") and r["levels"] <= 1
+    before, after = r["passes"].values()
+    assert 0 < after < before                         # fewer passes over the batch
+
+
 def test_the_step_section_still_runs_alone_with_its_own_default_batch(tmp_path, capsys):
     lines, results = run(["--what", "step", "--model", "cpu", "--grid", "drop=0.5",
                           "--steps", "1", "--warmup", "0"], tmp_path, capsys)

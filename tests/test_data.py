@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchvision.transforms.v2.functional as F
 
@@ -172,23 +174,73 @@ def test_views_leave_the_loader_as_bytes_and_are_normalised_where_the_model_runs
             assert (v[b].float() / 255 - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def _coins(recipes, p):
+    """The recipes with every coin at p (jitter's too) and hue over its whole range; crops of
+    the whole image (scale 1), so that a crop is exact and no rounding of it hides an op's."""
+    return [ViewRecipe(**{**r.__dict__, "scale": (1.0, 1.0), "flip_p": p, "jitter_p": p,
+                          "grayscale_p": p, "blur_p": p, "solarize_p": p, "hue": 0.5})
+            for r in recipes]
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
-def test_the_colour_ops_on_the_device_are_the_loaders_ops(method):
-    """--augment-on device: colour_on_device of the crops and packed draws equals
-    augment_batch's colour ops to one level of 255 (float rounding). Checked where the crop
-    is exact (full-image boxes of images already at the view's size), so that the shipped
-    crop's own rounding does not hide an error in the ops."""
+def test_the_colour_ops_on_the_device_are_the_loaders_ops(method, p):
+    """--augment-on device and the resident path: colour_on_device of the uint8 crops and the
+    packed draws equals augment_batch of the same draws and the per-image reference (augment,
+    torchvision's ops) to one level of 255, with every coin at 0, at 1 (every image takes every
+    op) and at 0.5 (each op of each jitter round on some of the images)."""
     g = torch.Generator().manual_seed(1)
-    for recipe in _every_op(build_views(method, 32, local_crops=2)):
-        s = recipe.size
+    for recipe in _coins(build_views(method, 32, local_crops=1), p):
+        s, seeds = recipe.size, range(24)
         images = torch.randint(0, 256, (24, 3, s, s), dtype=torch.uint8, generator=g)
-        params = [augment_module.draw_params(s, s, recipe, g) for _ in images]
-        for p in params:
-            p.box = (0, 0, s, s)
+        params = [augment_module.draw_params(s, s, recipe, torch.Generator().manual_seed(i))
+                  for i in seeds]
+        assert all(q.box == (0, 0, s, s) for q in params)
         crops = augment_module.to_uint8(augment_module.crop_flip(images, recipe, params))
         on_device = augment_module.colour_on_device(crops, augment_module.pack_colour(params))
         in_loader = augment_module.augment_batch(images, recipe, params)
+        reference = torch.stack([augment(img, recipe, torch.Generator().manual_seed(i))
+                                 for img, i in zip(images, seeds)])
         assert (on_device.int() - in_loader.int()).abs().max() <= 1
+        assert (on_device.int() - reference.int()).abs().max() <= 1
+        assert p == 0 or (on_device != crops).float().mean() > 0.25       # the ops did act
+
+
+class _Copies(TorchDispatchMode):
+    """Every aten op inside the block, and each copy between devices as (from, to, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.copies = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        if name in ("_to_copy", "copy_") and args[0].device != out.device:
+            source = args[1] if name == "copy_" else args[0]
+            self.copies.append((source.device.type, out.device.type, source.dtype))
+        return out
+
+
+def test_the_colour_ops_send_one_plan_to_the_device_and_read_nothing_back():
+    """On a (fake) GPU: the host-made plan of the colour ops (image indices and parameters) goes
+    over in one float32 copy; no value comes back to the host (no .item(), nonzero or
+    device-to-host copy: each would stall the step)."""
+    g = torch.Generator().manual_seed(0)
+    recipe = _coins(build_views("moco", 32), 0.5)[0]
+    packed = augment_module.pack_colour([augment_module.draw_params(32, 32, recipe, g)
+                                         for _ in range(16)])
+    with FakeTensorMode():
+        crops = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="cuda")
+        with _Copies() as recorded:
+            views = augment_module.colour_on_device(crops, packed)
+    assert views.device.type == "cuda" and views.shape == (16, 3, 32, 32)
+    assert recorded.copies == [("cpu", "cuda", torch.float32)]
+    assert not {"_local_scalar_dense", "item", "nonzero", "equal"} & set(recorded.ops)
+    assert {"index_select", "index_copy_"} <= set(recorded.ops)        # ops on their images
+    with pytest.raises(ValueError, match="must be on the CPU .* got them on meta"):
+        augment_module.colour_on_device(crops, packed.to("meta"))
 
 
 def test_a_loader_that_leaves_the_colour_to_the_device_ships_crops_and_draws():
@@ -283,11 +335,14 @@ def test_cifar10_batch_files_are_read_by_torchvision_into_chw_images(tmp_path, m
     assert torch.equal(train[4][0], torch.from_numpy(rows["data_batch_2"][0].reshape(3, 32, 32)))
 
 
-def test_eval_transform_resizes_and_centre_crops():
+def test_eval_transform_resizes_and_centre_crops_as_bytes_within_half_a_level():
     t = eval_transform(32)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    assert torch.allclose(t(img), (img / 255 - mean) / std, atol=1e-6)  # 32² is only normalised
+    assert t(img) is img                                              # 32² passes unchanged
+    big = torch.randint(0, 256, (3, 45, 60), dtype=torch.uint8)
+    floats = F.center_crop(F.resize(big / 255, [37], antialias=True), [32, 32])   # 32/0.875
+    assert t(big).dtype == torch.uint8
+    assert (t(big) / 255 - floats).abs().max() <= 0.5 / 255 + 1e-6   # rounded to the nearest
     assert t(torch.zeros(3, 4, 4, dtype=torch.uint8)).shape == (3, 32, 32)
     assert t(torch.zeros(3, 96, 120, dtype=torch.uint8)).shape == (3, 32, 32)
     assert EvalDataset(EmbeddedShapes("val", size=2), 24)[0][0].shape == (3, 24, 24)

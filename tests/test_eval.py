@@ -90,6 +90,42 @@ def test_extract_features_is_the_eval_class_token_and_restores_the_training_flag
     assert model.training                 # each image's nearest neighbour is itself
 
 
+def test_features_from_uint8_images_are_the_normalised_float_features(monkeypatch):
+    """Evaluation images travel as bytes and are normalised where the backbone runs: the
+    features equal those of the float images normalised on the host (float noise apart); a set
+    already held as one tensor of the eval size gives them with no loader, rank by rank as the
+    loader's shards do; any other set goes through a loader of uint8 batches."""
+    import torchvision.transforms.v2.functional as F
+    import data
+    from augment import MEAN, STD
+    from embedded import EmbeddedShapes
+    model = vit.ViT(**TINY)
+    held = data.EvalDataset(EmbeddedShapes("val", size=21), 32, subset=13)    # TensorImages
+    images, labels = held.as_tensors()
+    assert images.dtype == torch.uint8 and images.shape == (13, 3, 32, 32)
+    assert torch.equal(images[4], held[4][0]) and labels[4] == held[4][1]
+    floats = F.normalize(images.float() / 255, MEAN, STD)
+    reference, _ = protocols.extract_features(
+        model, protocols.feature_loader(TensorDataset(floats, labels), 5), "cpu")
+    loader = protocols.feature_loader(held, 5)
+    assert next(iter(loader))[0].dtype == torch.uint8             # bytes through the loader
+    via_loader, _ = protocols.extract_features(model, loader, "cpu")
+    monkeypatch.setattr(protocols, "feature_loader", None)          # no loader from here on
+    feats, got = protocols.tensor_features(model, images, labels, "cpu", batch_size=5)
+    assert torch.equal(got, labels)
+    torch.testing.assert_close(feats, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(via_loader, reference, atol=1e-5, rtol=0)
+    share, share_labels = protocols.dataset_features(model, held, "cpu", 4, rank=1, world=2,
+                                                     pad=True)
+    index = protocols.shard_index(13, 1, 2, pad=True)               # 1, 3, …, 11, then 12
+    assert index[-1] == 12 and torch.equal(share_labels, labels[index])
+    torch.testing.assert_close(share, reference[index], atol=1e-5, rtol=0)
+    larger = data.EvalDataset(EmbeddedShapes("val", size=3, img_size=40), 32)
+    assert larger.as_tensors() is None                                 # resized: through a loader
+    with pytest.raises(TypeError):
+        protocols.dataset_features(model, larger, "cpu")
+
+
 def test_finetune_learns_an_easy_task_and_leaves_the_backbone_untouched():
     g = torch.Generator().manual_seed(4)
     y = torch.arange(128) % 2

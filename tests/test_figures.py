@@ -2,6 +2,7 @@
 curves as figures_stats.py defines it; runs are reused, resumed and evaluated as asked."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,28 +13,7 @@ sys.path.insert(0, ROOT)
 import figures  # noqa: E402
 import figures_runs  # noqa: E402
 import figures_stats  # noqa: E402
-
-
-def test_first_reach_interpolates_linearly_between_evaluations():
-    curve = [(0, 10.0), (100, 20.0), (200, 30.0)]
-    assert figures_stats.first_reach(curve, 25.0) == pytest.approx(150)
-    assert figures_stats.first_reach(curve, 20.0) == pytest.approx(100)
-    assert figures_stats.first_reach(curve, 5.0) == 0                 # already there at the start
-    assert figures_stats.first_reach(curve, 31.0) is None             # never reached
-    # the FIRST crossing counts, even if the curve dips below again later
-    assert figures_stats.first_reach([(0, 10.0), (10, 40.0), (20, 20.0), (30, 40.0)], 30.0) == \
-        pytest.approx(10 * 20 / 30)
-
-
-def test_speed_up_is_the_baseline_budget_over_the_budget_where_the_run_reaches_its_accuracy():
-    # (units, training seconds, k-NN): the baseline ends at 30 % after 1000 units / 100 s
-    base = dict(curve=[(0, 0, 10.0), (500, 50, 20.0), (1000, 100, 30.0)])
-    fast = dict(curve=[(0, 0, 10.0), (250, 40, 30.0), (1000, 160, 40.0)])
-    units, wall = figures_stats.speedups(base, fast)
-    assert units == pytest.approx(4.0)             # 1000 / 250: four times fewer units
-    assert wall == pytest.approx(2.5)              # 100 / 40 s: slower per unit on the clock
-    slow = dict(curve=[(0, 0, 10.0), (1000, 100, 25.0)])
-    assert figures_stats.speedups(base, slow) == (None, None)        # never reaches 30 %
+import figures_tables  # noqa: E402
 
 
 def test_read_run_takes_the_curve_steps_and_probe_cost_from_the_log(tmp_path):
@@ -43,10 +23,11 @@ def test_read_run_takes_the_curve_steps_and_probe_cost_from_the_log(tmp_path):
            dict(step=2, loss=4.0, strategy="none", units=800.0),
            dict(step=2, progress=1.0, knn=20.0, units=800.0, train_wall=3.5)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    (tmp_path / "args.json").write_text(json.dumps(dict(budget=800.0, batch_size=16)))
+    (tmp_path / "args.json").write_text(json.dumps(dict(budget=800.0, batch_size=16, seed=2,
+                                                        method="simclr")))
     r = figures_runs.read_run(str(tmp_path))
     assert r["curve"] == [(0.0, 0.0, 12.0), (800.0, 3.5, 20.0)]
-    assert (r["steps"], r["images"], r["probe_units"]) == (2, 32, 300.0)
+    assert (r["steps"], r["images"], r["probe_units"], r["seed"]) == (2, 32, 300.0, 2)
     assert r["strategies"] == ["q:drop=0.5", "none"]
 
 
@@ -56,7 +37,7 @@ def test_cost_figure_prices_a_sample_with_its_heads(tmp_path):
     figures.main(["cost", "--method", "moco", "--model", "cpu", "--reps", "1",
                   "--out", str(tmp_path)])
     folder = tmp_path / "embedded" / "cost_moco"
-    results = json.loads((folder / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())["cells"]
     base = [r for r in results if r["drop"] == 0 and r["patch"] == 4]
     assert base[0]["flops"] == pytest.approx(1.0) and base[0]["measured"] == pytest.approx(1.0)
     row = [r["flops"] for r in results if r["patch"] == 4]
@@ -70,13 +51,11 @@ def test_cost_figure_prices_a_sample_with_its_heads(tmp_path):
     assert "patch \\ drop" in (folder / "table.md").read_text()
 
 
-def test_spread_is_mean_and_range_and_counts_runs_that_never_reached():
+def test_spread_is_mean_and_range_over_seeds():
     assert figures_stats.spread([2.0, 4.0, 3.0]) == "3.0 (2.0–4.0)"
     assert figures_stats.spread([5.0]) == "5.0"
-    assert figures_stats.spread([2.0, None, 4.0]) == "3.0 (2.0–4.0), 1 of 3 not reached"
-    assert figures_stats.spread([None, None]) == "not reached"
-    assert figures_stats.summary([1.0, None, 3.0]) == dict(mean=2.0, min=1.0, max=3.0,
-                                                      values=[1.0, None, 3.0])
+    assert figures_stats.summary([1.0, 3.0]) == dict(mean=2.0, min=1.0, max=3.0,
+                                                    values=[1.0, 3.0])
 
 
 def test_runs_are_named_by_dataset_method_budget_and_seed_and_pass_the_data_flags(tmp_path):
@@ -157,18 +136,27 @@ def test_a_figure_of_one_budget_at_another_budget_gets_its_own_folder():
             os.path.join("figs", "cifar10", "views_n4500_250k")}
 
 
-def test_a_finished_run_is_reused_and_a_stopped_one_resumes(tmp_path, monkeypatch):
+def test_a_finished_run_is_reused_a_stopped_one_resumes_and_a_folder_holds_one_run(
+        tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(figures_runs.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
-    out, argv = str(tmp_path / "run"), ["--method", "simclr", "--budget", "1k"]
-    os.makedirs(out)
+    base, argv = str(tmp_path / "run"), ["--method", "simclr", "--budget", "1k"]
+    assert figures_runs.free_dir(base, argv, fresh=False) == base           # new
+    os.makedirs(base)
     (tmp_path / "run" / "last.pt").write_bytes(b"x")             # stopped: no DONE.json
-    figures_runs.start_train(out, argv, 1, fresh=False)
+    assert figures_runs.free_dir(base, argv, fresh=False) == base
+    figures_runs.start_train(base, argv, 1)
     assert started[-1][-1] == "--resume" and (tmp_path / "run" / "last.pt").exists()
-    (tmp_path / "run" / "DONE.json").write_text(json.dumps(dict(argv=[*argv, "--out", out])))
-    assert figures_runs.start_train(out, argv, 1, fresh=False) is None and len(started) == 1
-    figures_runs.start_train(out, [*argv, "--seed", "1"], 1, fresh=False)  # other settings: afresh
-    assert "--resume" not in started[-1] and not (tmp_path / "run" / "last.pt").exists()
+    (tmp_path / "run" / "DONE.json").write_text(json.dumps(dict(argv=[*argv, "--out", base])))
+    assert figures_runs.free_dir(base, argv, fresh=False) == base           # reused
+    assert figures_runs.start_train(base, argv, 1) is None and len(started) == 1
+    # another command line, or a re-run, gets the next free folder; the record stays
+    other = [*argv, "--seed", "1"]
+    assert figures_runs.free_dir(base, other, fresh=False) == base + "_r2"
+    assert figures_runs.free_dir(base, argv, fresh=True) == base + "_r2"
+    with pytest.raises(SystemExit, match="holds another run.*never reused"):
+        figures_runs.start_train(base, other, 1)
+    assert (tmp_path / "run" / "last.pt").exists() and len(started) == 1
 
 
 def test_bands_are_drawn_from_curves_of_several_seeds_or_skipped_without_matplotlib(tmp_path):
@@ -215,70 +203,100 @@ def test_the_views_figure_redoes_an_evaluation_made_without_all_train(tmp_path, 
     assert figures_runs.evaluate([run], views) == {run: (1.0, 2.0)} and len(calls) == 1
 
 
-def test_the_auto_figure_keeps_an_earlier_sittings_rows_and_marks_those_of_rerun_baselines(
-        tmp_path):
+def record(folder, seed, accs, nn, method="simclr", budget=1000.0, strategy="none"):
+    """A run's committed record: args.json, log.jsonl (k-NN every 10 % of the budget), eval.json."""
+    os.makedirs(folder)
+    xs = [budget * i / (len(accs) - 1) for i in range(len(accs))]
+    log = [dict(step=i, loss=1.0, strategy=strategy, units=x) for i, x in enumerate(xs)]
+    log += [dict(step=i, knn=a, units=x, train_wall=x / 100)
+            for i, (x, a) in enumerate(zip(xs, accs))]
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in log))
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump(dict(budget=budget, seed=seed, method=method, batch_size=8), f)
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+        json.dump(dict(knn=dict(top1=nn), linear=dict(top1=nn + 1)), f)
+    return folder
+
+
+RISE = [10, 20, 28, 34, 38, 41, 43, 44, 45, 45, 45]
+FAST = [10, 30, 40, 44, 45, 46, 46, 46, 46, 46, 46]
+
+
+def test_a_figure_is_re_derived_from_its_records_and_keeps_an_earlier_sittings_rows(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(figures_tables.plots, "pyplot", lambda note="": None)   # tables only
     args = figures.parse_args(["auto"])
-    args.folder = str(tmp_path)
-    row = lambda n: [n, 3, "none", 10, "1.0", "2.0", "3.0", "1", "1"]  # noqa: E731
-    entry = lambda n, nn=None: dict(row=row(n), runs=[n], nn=dict(values=[nn]))  # noqa: E731
-
-    def sitting(now):                       # one sitting: merge, write results.json, render
-        merged = figures.earlier_rows(args, now)
-        with open(tmp_path / "results.json", "w") as f:
-            json.dump(merged, f)
-        return merged, figures.marked_rows(merged)
-    base = lambda nn: dict(entry("baseline", nn), runs=["b_s0"])  # noqa: E731
-    sitting({"baseline": base(47.0), "auto (default)": entry("auto (default)"),
-             "auto, 8 batches a probe": entry("old b8")})
-    merged, (rows, note) = sitting({"baseline": base(47.0),
-                                    "auto, 8 batches a probe": entry("new b8")})
-    assert list(merged) == ["baseline", "auto (default)", "auto, 8 batches a probe"]
-    assert [r[0] for r in rows] == ["baseline", "auto (default)", "new b8"] and note == ""
-    merged, (rows, note) = sitting({"baseline": base(46.5),      # the baseline re-run since
-                                    "auto, 8 batches a probe": entry("newer b8")})
-    assert [r[0] for r in rows] == ["baseline", "auto (default) †", "newer b8"]
-    assert "47.0" in note
-    merged, (rows, again) = sitting({"baseline": base(46.5)})   # a later sitting: still marked,
-    assert [r[0] for r in rows] == ["baseline", "auto (default) †", "newer b8"] and again == note
-    assert merged["auto (default)"]["row"][0] == "auto (default)"   # the mark is not stored
-    other = {"baseline": dict(base(47.0), runs=["b_1M_s0"])}              # another budget
-    assert list(figures.earlier_rows(args, other)) == ["baseline"]
+    args.folder = str(tmp_path / "embedded" / "auto_simclr")
+    os.makedirs(args.folder)
+    b = [record(str(tmp_path / f"baseline_s{s}"), s, RISE, 45.0 + s) for s in (0, 1)]
+    b8 = [record(str(tmp_path / f"autob8_s{s}"), s, FAST, 46.0 + s) for s in (0, 1)]
+    figures.write_figure(args, {"baseline": b, "auto, 8 batches a probe": b8},
+                         order=lambda k: figures.AUTO_ROWS.index(k))
+    at6 = [record(str(tmp_path / f"autoat6_s{s}"), s, [a - 3 for a in RISE], 44.0) for s in (0, 1)]
+    lost = [str(tmp_path / "auto_s0")]                    # listed, never recorded
+    text = figures.write_figure(args, {"baseline": b, "auto (default)": lost,
+                                       "auto, probes at 0/10/25/50/75/90 %": at6},
+                                order=lambda k: figures.AUTO_ROWS.index(k))
+    rows = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ")]
+    assert rows == ["run", "baseline", "auto, 8 batches a probe",   # kept, re-read
+                    "auto, probes at 0/10/25/50/75/90 %"]
+    assert "auto (default): auto_s0" in text                # lost: named, not counted
+    results = json.loads(open(os.path.join(args.folder, "results.json")).read())
+    assert results["auto (default)"]["lost"] == lost and results["auto (default)"]["runs"] == []
+    assert results["auto, 8 batches a probe"]["nn"]["values"] == [46.0, 47.0]
+    assert results["auto, probes at 0/10/25/50/75/90 %"]["speedup_units"]["values"] == \
+        [None, None]                                # never reached: counted, not dropped
+    assert results["baseline"]["speedup_units"]["median"] >= 1.0    # the floor, shown
+    assert figures_tables.render(args.folder) == text       # re-derived: the same table
 
 
-def test_a_budget_figure_keeps_an_earlier_sittings_other_budgets_in_budget_order(tmp_path):
+def test_a_budget_figure_pairs_seeds_and_orders_budgets(tmp_path, monkeypatch):
     args = figures.parse_args(["constant", "--budgets", "500k", "--out", str(tmp_path)])
-    args.folder = str(tmp_path)
-    entry = lambda b, n, nn: dict(row=[b, n, 1, 10, nn, "", ""])  # noqa: E731
-    with open(tmp_path / "results.json", "w") as f:
-        json.dump({"baseline 1M": entry("1M", "baseline", "old"),
-                   "baseline 500000": entry("500000", "baseline", "old"),   # = 500k
-                   "baseline 125k": entry("125k", "baseline", "old"),
-                   "poly 125k": entry("125k", "poly", "old"),               # not this figure's
-                   "patch 125k": entry("125k", "patch", "old")}, f)
-    now = {"patch 500k": entry("500k", "patch", "new"),
-           "baseline 500k": entry("500k", "baseline", "new")}
-    merged = figures.earlier_budgets(args, now, ["baseline", "drop", "patch"])
-    assert list(merged) == ["baseline 125k", "patch 125k", "baseline 500k", "patch 500k",
-                            "baseline 1M"]
-    assert merged["baseline 500k"]["row"][4] == "new"             # this sitting's budget wins
-
-
-def test_the_budget_figures_draw_final_accuracy_against_the_budget_in_units(tmp_path, monkeypatch):
-    args = figures.parse_args(["constant", "--budgets", "125k,1M", "--out", str(tmp_path)])
-    args.folder = str(tmp_path)
-    acc = lambda m: dict(mean=m, min=m - 1, max=m + 1)  # noqa: E731
-    results = {"baseline 125k": dict(nn=acc(40.0), lp=acc(44.0)),
-               "patch 125k": dict(nn=acc(45.0), lp=acc(48.0)),
-               "baseline 1M": dict(nn=acc(50.0), lp=acc(52.0))}
+    args.folder = str(tmp_path / "embedded" / "constant_simclr")
+    os.makedirs(args.folder)
     drawn = {}
-    monkeypatch.setattr(figures.plots, "plot_budgets",
+    monkeypatch.setattr(figures_tables.plots, "plot_budgets",
                         lambda path, lines, title: drawn.update(path=path, lines=lines))
-    figures.plot_budgets(args, results, "t")
-    assert drawn["path"] == os.path.join(str(tmp_path), "accuracy_vs_budget.png")
-    assert drawn["lines"] == {"baseline": [(125_000, acc(40.0), acc(44.0)),
-                                           (1_000_000, acc(50.0), acc(52.0))],
-                              "patch": [(125_000, acc(45.0), acc(48.0))]}
-    monkeypatch.undo()
-    pytest.importorskip("matplotlib")
-    figures.plot_budgets(args, results, "t")              # patch at one budget: a point alone
-    assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = lambda n, b, s, nn: record(str(tmp_path / f"{n}_{b}_s{s}"), s, RISE, nn)  # noqa: E731
+    figures.write_figure(args, {"baseline 1M": [run("baseline", "1M", 0, 50.0)],
+                                "patch 125k": [run("patch", "125k", 0, 45.0)],
+                                "baseline 125k": [run("baseline", "125k", 0, 40.0),
+                                                  run("baseline", "125k", 1, 41.0)]})
+    text = figures.write_figure(args, {"patch 500000": [run("patch", "500k", 1, 48.0)],
+                                       "baseline 500k": [run("baseline", "500k", 0, 40.0),
+                                                         run("baseline", "500k", 1, 46.0)]},
+                                figures.budget_order(["baseline", "drop", "patch"]))
+    rows = [line.split(" | ")[:3] for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r[0][2:] + " " + r[1] for r in rows] == [
+        "125k baseline", "125k patch", "500k baseline", "500000 patch", "1M baseline"]
+    assert text.splitlines()[5].endswith("| 5.0 |")       # patch 125k − seed 0's baseline
+    assert text.splitlines()[7].endswith("| 2.0 |")       # paired by seed: 48 − 46, seed 1
+    assert drawn["path"] == os.path.join(args.folder, "accuracy_vs_budget.png")
+    assert [b for b, _, _ in drawn["lines"]["baseline"]] == [125_000, 500_000, 1_000_000]
+
+
+def test_every_committed_table_is_re_derived_unchanged_from_the_committed_records(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(figures_tables.plots, "pyplot", lambda note="": None)   # tables only
+    folders = figures_tables.figure_folders(os.path.join(ROOT, "figs"))
+    assert folders, "no committed figure under figs/"
+    for folder in folders:
+        copy = tmp_path / os.path.relpath(folder, ROOT)
+        shutil.copytree(folder, copy)
+        text = figures_tables.render(str(copy))
+        with open(os.path.join(folder, "table.md")) as f:
+            assert f.read() == text + "\n", f"{folder}: table.md differs from its records"
+
+
+def test_the_checker_reads_quoted_numbers_back_from_the_committed_tables(tmp_path):
+    import figures_check
+    out = os.path.join(ROOT, "figs")
+    quoted = tmp_path / "text.md"
+    quoted.write_text("patch 51.5 (51.1–51.9) NN; DINO's dropout −0.4 (−0.6 to −0.3)\n")
+    assert figures_check.check_text(out, [str(quoted)]) == []
+    quoted.write_text("patch 51.6 (51.1–51.9) NN\n")                  # a mistyped mean
+    assert figures_check.check_text(out, [str(quoted)]) == \
+        [f"{quoted}: '51.6 (51.1–51.9)' is in no table"]
+    problems, counted, lost = figures_check.check_records(out)
+    assert problems == [] and counted > 0
