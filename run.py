@@ -199,6 +199,11 @@ def build_views_loader(run, path):
     views made there: resident.py), workers (loader processes make the views), or auto:
     resident wherever the images are one array that fits, else workers, saying why."""
     args, cuda = run.args, run.device.type == "cuda"
+    if path == "auto" and not cuda and _large_images(run.train_base):
+        path = "workers"          # on a CPU the loader makes their views as fast (docs/speed.md)
+        if run.master:
+            print(f"note: views are made by loader workers: on a CPU, images above "
+                  f"{resident.MATMUL_MAX_SIDE} px gain nothing from --data-path resident", flush=True)
     if path != "workers":
         try:
             images = resident.place(run.train_base, run.device)
@@ -216,6 +221,16 @@ def build_views_loader(run, path):
                                                   run.sampler.batch_size, run.sampler,
                                                   num_workers=args.workers, pin_memory=cuda), \
         "workers"
+
+
+def _large_images(base):
+    """Whether ``base`` is one array of images above resident.MATMUL_MAX_SIDE px: those the
+    resident path crops image by image on a CPU, as the loader does (an image folder: False,
+    resident.place says why it is not resident)."""
+    try:
+        return max(resident.array_shape(base)[-2:]) > resident.MATMUL_MAX_SIDE
+    except resident.NotResident:
+        return False
 
 
 # ========================================================================= the run

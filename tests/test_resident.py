@@ -210,6 +210,15 @@ def test_an_image_folder_is_refused_naming_the_cache_command_or_left_to_workers(
     assert code == 0 and "note: views are made by loader workers" in out, out
 
 
+def test_on_a_cpu_images_above_64_px_are_left_to_loader_workers_unless_told(tmp_path, run_main):
+    tiny = ["--method", "simclr", "--model", "cpu", "--img-size", str(resident.MATMUL_MAX_SIDE + 8),
+            "--data-size", "16", "--batch-size", "8", "--budget", "10", "--eval-every", "0"]
+    code, out, _ = run_main([*tiny, "--out", str(tmp_path / "auto")])
+    assert code == 0 and "views: 0 loader worker(s)" in out and "above 64 px" in out, out
+    code, out, _ = run_main([*tiny, "--data-path", "resident", "--out", str(tmp_path / "told")])
+    assert code == 0 and "views: resident" in out, out
+
+
 def test_a_resumed_run_keeps_its_data_path_unless_told(tmp_path, run_main):
     tiny = ["--method", "moco", "--model", "cpu", "--img-size", "16", "--data-size", "64",
             "--batch-size", "16", "--budget", "300", "--eval-every", "0", "--log-every", "0",
