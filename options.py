@@ -251,8 +251,9 @@ def _add_output_flags(ap):
                          "step's views made there in batched ops from its indices (resident.py); "
                          "workers: loader processes augment and ship every view. auto: resident "
                          "wherever the images are one array that fits (CIFAR, STL, embedded, an "
-                         "image cache; on a CPU only up to 64 px, where it is faster), else workers. A resumed run keeps its path unless this "
-                         "flag names another (docs/speed.md)")
+                         "image cache; on a CPU only up to 64 px, where it is faster), else "
+                         "workers. A resumed run keeps its path unless this flag names another "
+                         "(docs/speed.md)")
     ap.add_argument("--augment-on", choices=("auto", "loader", "device"), default="auto",
                     help="where augmentation's colour ops (jitter, grayscale, blur, solarize) "
                          "run: in the loader processes, or on the training device after a uint8 "

@@ -203,7 +203,8 @@ def build_views_loader(run, path):
         path = "workers"          # on a CPU the loader makes their views as fast (docs/speed.md)
         if run.master:
             print(f"note: views are made by loader workers: on a CPU, images above "
-                  f"{resident.MATMUL_MAX_SIDE} px gain nothing from --data-path resident", flush=True)
+                  f"{resident.MATMUL_MAX_SIDE} px gain nothing from --data-path resident",
+                  flush=True)
     if path != "workers":
         try:
             images = resident.place(run.train_base, run.device)

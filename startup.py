@@ -79,7 +79,8 @@ def start(args, parser):
     if run.master:
         prepare_out_dir(args, state.step if resume_path else None)
         print(f"{args.method} | ViT {run.backbone.config()} | {world} process(es) on {device} | "
-              f"views: {describe_path(run)} | batch {args.batch_size} | budget {args.budget:,.0f} units (~{epochs:.1f} "
+              f"views: {describe_path(run)} | batch {args.batch_size} | "
+              f"budget {args.budget:,.0f} units (~{epochs:.1f} "
               f"uncompressed epochs) | accel: {run.accel}", flush=True)
         if epochs < 1 and args.data != "embedded":
             warn_short_budget(run, epochs)
