@@ -17,6 +17,11 @@ for and what can stand in its way. One function per section (``--section``):
   ``--loader-decode`` adds what decoding costs: the SimCLR loader over generated 375×500
   JPEG files (decoded every time) against the same images read from their decode-once cache
   (imagecache.build_cache).
+* ``resident`` (in bench_loader.py): images/s of the resident data path (resident.py: the
+  images held on ``--device``, each step's views made there) beside each method's whole
+  training step for ``--models``, uncompressed and most compressed. The prepared GPU run:
+  ``--section resident --device cuda --models small --batch-size 256`` (ViT-S/16, 224 px).
+  The ``loader`` section also times the resident path on the CPU, beside the loaders.
 * ``methods`` (in bench_methods.py): images/s of a whole SimCLR / MoCo-v3 / DINO training
   step (heads, loss, momentum update included), uncompressed and under the most compressed
   strategy of the default schedule (drop 0.75 and twice the base patch), beside the images/s
@@ -50,6 +55,7 @@ Usage::
     python bench.py --section loader --loader-sizes 224 --loader-decode    # JPEG vs cache
     python bench.py --section methods,adamw                # CPU preset; --models cpu,small,base
     python bench.py --section colour --threads 1           # the colour ops, before and after
+    python bench.py --section resident --device cuda --models small --batch-size 256   # < 5 min
     python bench.py --section all --device cuda --batch-size 128 --models small --peak-tflops 989
     python bench.py --compare-timm     # also time timm's ViT of the same shape, if installed
 """
@@ -64,7 +70,7 @@ import torch
 
 import vit
 from bench_colour import bench_colour
-from bench_loader import bench_loader
+from bench_loader import bench_loader, bench_resident
 from bench_methods import bench_adamw, bench_methods
 from bench_timing import interleaved_times, make_adamw, make_step
 from compress import forward_flops
@@ -184,7 +190,7 @@ def compare_timm(args, device):
 
 
 SECTIONS = {"step": bench_step, "loader": bench_loader, "methods": bench_methods,
-            "adamw": bench_adamw, "colour": bench_colour}
+            "adamw": bench_adamw, "colour": bench_colour, "resident": bench_resident}
 
 
 # ======================================================================= main

@@ -22,9 +22,11 @@ import torch
 
 import augment
 import data
+import imagecache
+import resident
+from bench_timing import sync
 from embedded import TensorImages
 from imagefolder import ImageFolderDataset
-import imagecache
 
 
 # ===================================================== data: can the loader keep up?
@@ -47,21 +49,31 @@ def loader_base(img_size, n):
     return TensorImages(images, torch.zeros(n, dtype=torch.long), ["noise"])
 
 
-def loader_rate(view_set, batch_size, workers, batches):
+def loader_rate(view_set, batch_size, workers, batches, images=None):
     """Images/s of data.build_loader in steady state: ``batches`` timed batch arrivals, after
     skipping the first 1 + 4·workers (start-up, and the batches the workers prefetched while
     the first one was awaited). ``view_set`` must hold (1 + 4·workers + batches)·batch_size
     images: one epoch. With no workers, this process makes the batches on one thread, as a
     worker does (DataLoader gives each one thread): on a busy machine, several threads that
-    wait for each other at every small op can be slower than one."""
+    wait for each other at every small op can be slower than one.
+
+    ``images`` (resident.ResidentImages): the resident path instead, its views made in this
+    process on the images' device (on one thread, on a CPU) with ``view_set``'s recipes, the
+    draws by ``workers`` processes."""
     skip, threads = 1 + 4 * workers, torch.get_num_threads()
     sampler = data.ResumableSampler(len(view_set), batch_size, shuffle=False)
-    loader = data.build_loader(view_set, batch_size, sampler, num_workers=workers)
+    if images is None:
+        loader = data.build_loader(view_set, batch_size, sampler, num_workers=workers)
+    else:
+        loader = resident.build_resident_loader(images, view_set.recipes, batch_size, sampler,
+                                                num_workers=workers)
     sampler.set_epoch(0)
     arrivals = []
-    torch.set_num_threads(1 if workers == 0 else threads)
+    torch.set_num_threads(1 if workers == 0 or images is not None else threads)
     try:
         for _ in loader:
+            if images is not None:
+                sync(images.device)                      # made, not just queued
             arrivals.append(time.perf_counter())
             if len(arrivals) == skip + batches:
                 break
@@ -79,12 +91,15 @@ def bench_loader(args, device):
           f"1 + 4·workers skipped; per-image augment.augment vs augment.augment_batch, and "
           f"augment_batch's crop and flip alone (--augment-on device: the colour ops run on "
           f"the training device); one thread per loader process")
+    print("# resident: the views made in this process, on one thread, from the images held in "
+          "memory (resident.py, --data-path resident); the draws by the workers")
     print(f"{'size':>5} {'method':<8}{'batch':>6}{'workers':>8}{'per-image':>11}{'batched':>9}"
-          f"{'speed-up':>10}{'crop+flip':>11}{'gain':>7}")
+          f"{'speed-up':>10}{'crop+flip':>11}{'gain':>7}{'resident':>10}{'÷batched':>10}")
     for size in args.loader_sizes:
         batch = args.batch_size or (64 if size <= 64 else 16)
         n = (1 + 4 * max(args.workers) + args.steps) * batch
         base = loader_base(size, n)
+        images = resident.place(base, torch.device("cpu"))
         for name, (method, local) in LOADER_METHODS.items():
             if method not in args.methods:
                 continue
@@ -95,13 +110,17 @@ def bench_loader(args, device):
                                           batch, workers, args.steps)
                         for kind, kw in (("per_image", dict(batched=False)), ("batched", {}),
                                          ("crop_flip", dict(colour_on="device")))}
+                rate["resident"] = loader_rate(data.ViewDataset(base, recipes, seed=0), batch,
+                                               workers, args.steps, images=images)
                 rows.append(dict(size=size, method=name, batch=batch, workers=workers, **rate,
                                  speedup=rate["batched"] / rate["per_image"],
-                                 colour_on_device_gain=rate["crop_flip"] / rate["batched"]))
+                                 colour_on_device_gain=rate["crop_flip"] / rate["batched"],
+                                 resident_gain=rate["resident"] / rate["batched"]))
                 r = rows[-1]
                 print(f"{size:>5} {name:<8}{batch:>6}{workers:>8}{r['per_image']:>11.0f}"
                       f"{r['batched']:>9.0f}{r['speedup']:>9.1f}×{r['crop_flip']:>11.0f}"
-                      f"{r['colour_on_device_gain']:>6.1f}×", flush=True)
+                      f"{r['colour_on_device_gain']:>6.1f}×{r['resident']:>10.0f}"
+                      f"{r['resident_gain']:>9.1f}×", flush=True)
     if not args.loader_decode:
         return dict(rows=rows)
     print("# decode: the batched simclr loader over 375×500 JPEG files (generated: smooth "
@@ -143,3 +162,51 @@ def jpeg_folder(tmp, n, h=375, w=500):
         torchvision.io.write_jpeg(img, os.path.join(tmp, "jpeg", "train", "x", f"{i}.jpg"),
                                   quality=90)
     return os.path.join(tmp, "jpeg")
+
+
+# ============================================ resident: the views on the training device
+def bench_resident(args, device):
+    """Images/s of the resident path on ``device`` (views made there from the images held
+    there, draws in this process) beside each method's whole training step (bench_methods'
+    method_step, bf16 on a GPU) of each of --models at its image size, uncompressed and under
+    the most compressed strategy of the schedules (drop 0.75, twice the base patch)."""
+    import compress
+    import methods
+    import vit
+    from bench_methods import method_step
+    from bench_timing import interleaved_times, make_adamw
+    rows = []
+    print(f"# resident: images/s of resident.ResidentLoader on {device} (gather, crop + resize + "
+          f"flip as two batched matmuls, colour ops), draws in this process, {args.steps} timed "
+          f"batches; beside it the training step's images/s ({args.warmup} warm-up + "
+          f"{args.steps} timed rounds, interleaved)")
+    print(f"{'model':<6}{'method':<8}{'batch':>6}{'views img/s':>13}  {'strategy':<34}"
+          f"{'step img/s':>11}  verdict")
+    for model_name in args.models:
+        p0, size = vit.PRESETS[model_name]["patch_size"], vit.PRESETS[model_name]["img_size"]
+        batch = args.batch_size or (64 if size <= 64 else 16)
+        base = loader_base(size, (1 + args.steps) * batch)
+        images = resident.place(base, device)
+        compressed = f"q:drop=0.75,patch={2 * p0};k:patch={2 * p0}"
+        strategies = {"none": compress.NONE, compressed: compress.Strategy.parse(compressed)}
+        for name in [m for m in ("simclr", "moco", "dino") if m in args.methods]:
+            recipes = augment.build_views(name, size, colour="strong" if size <= 64 else "official")
+            rate = loader_rate(data.ViewDataset(base, recipes), batch, 0, args.steps, images)
+            torch.manual_seed(0)
+            backbone = vit.build_vit(model_name)
+            method = methods.build_method(name, backbone, **methods.head_sizes(name, backbone.dim))
+            method = method.to(device).train()
+            opt = make_adamw([p for p in method.parameters() if p.requires_grad])
+            views = [torch.randn(batch, 3, r.size, r.size, device=device) for r in recipes]
+            times = interleaved_times({s: method_step(method, opt, views, st.resolve(len(views)),
+                                                      device) for s, st in strategies.items()},
+                                      args.warmup, args.steps)
+            for s in strategies:
+                step = batch / times[s]["total"]
+                verdict = "views keep up" if rate >= step else "views are slower"
+                rows.append(dict(model=model_name, method=name, batch=batch, size=size,
+                                 views_images_per_s=rate, strategy=s, step_images_per_s=step))
+                print(f"{model_name:<6}{name:<8}{batch:>6}{rate:>13.0f}  {s:<34}{step:>11.0f}  "
+                      f"{verdict}", flush=True)
+            del method, opt
+    return dict(rows=rows)

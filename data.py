@@ -256,7 +256,7 @@ class ResumableSampler(Sampler):
         return (self.batches_per_epoch - self.start) * self.batch_size
 
 
-def build_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=False):
+def build_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=False, collate_fn=None):
     """DataLoader over ``sampler``, which already drops the ragged tail. Workers persist across
     epochs and prefetch 4 batches each. The sampler learns its dataset, so that
     ``sampler.set_epoch(e)`` also gives a ViewDataset new views, and no caller can forget to.
@@ -264,11 +264,12 @@ def build_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=False):
     The loader gets a generator of its own: without one, every ``iter(loader)`` (each epoch,
     and once more after a resume) draws its worker base seed from the GLOBAL torch RNG, which
     also drives token dropout, so a resumed run would drop different tokens. Workers ignore
-    preemption signals: the training process saves, then ends them (cluster.py)."""
+    preemption signals: the training process saves, then ends them (cluster.py). ``collate_fn``:
+    DataLoader's (default: stack the items), e.g. resident.same_batch for a batch of draws."""
     if isinstance(sampler, ResumableSampler):
         sampler.dataset = dataset
     extra = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
     generator = torch.Generator().manual_seed(getattr(sampler, "seed", 0))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False, generator=generator,
-                      worker_init_fn=ignore_preemption_signals, **extra)
+                      worker_init_fn=ignore_preemption_signals, collate_fn=collate_fn, **extra)

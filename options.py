@@ -249,6 +249,15 @@ def _add_output_flags(ap):
     ap.add_argument("--workers", type=int, default=0,
                     help="data-loader processes per GPU/process (0: load in the main process, "
                          "best for the embedded set on a 2-core CPU)")
+    ap.add_argument("--data-path", choices=("auto", "resident", "workers"), default="auto",
+                    help="how views are made. resident: the training images as one uint8 tensor on "
+                         "the training device (or pinned on the host where they do not fit), each "
+                         "step's views made there in batched ops from its indices (resident.py); "
+                         "workers: loader processes augment and ship every view. auto: resident "
+                         "wherever the images are one array that fits (CIFAR, STL, embedded, an "
+                         "image cache; on a CPU only up to 64 px, where it is faster), else "
+                         "workers. A resumed run keeps its path unless this flag names another "
+                         "(docs/speed.md)")
     ap.add_argument("--augment-on", choices=("auto", "loader", "device"), default="auto",
                     help="where augmentation's colour ops (jitter, grayscale, blur, solarize) "
                          "run: in the loader processes, or on the training device after a uint8 "

@@ -24,6 +24,7 @@ import compress
 import data
 import methods
 import precision
+import resident
 import vit
 from schedule import StageSchedule, parse_grid
 
@@ -53,7 +54,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     peak_lr: float = None
     sampler: data.ResumableSampler = None
-    loader: object = None
+    loader: object = None               # yields ([views], labels): data or resident.ResidentLoader
+    data_path: str = None               # "resident" or "workers" (--data-path, resolved)
     knn_sets: tuple = None              # (bank, val) EvalDatasets
     precision: str = "fp32"             # the step's: bf16 | fp16 | fp32 (precision.py)
     scaler: torch.amp.GradScaler = None     # fp16's loss scale (a passthrough otherwise)
@@ -194,6 +196,46 @@ def build_optimizer(args, method):
         return torch.optim.AdamW(groups, lr=peak_lr), peak_lr
 
 
+def build_views_loader(run, path):
+    """run.loader and run.data_path for --data-path ``path``: resident (the images on the device,
+    views made there: resident.py), workers (loader processes make the views), or auto:
+    resident wherever the images are one array that fits, else workers, saying why."""
+    args, cuda = run.args, run.device.type == "cuda"
+    if path == "auto" and not cuda and _large_images(run.train_base):
+        path = "workers"          # on a CPU the loader makes their views as fast (docs/speed.md)
+        if run.master:
+            print(f"note: views are made by loader workers: on a CPU, images above "
+                  f"{resident.MATMUL_MAX_SIDE} px gain nothing from --data-path resident",
+                  flush=True)
+    if path != "workers":
+        try:
+            images = resident.place(run.train_base, run.device)
+        except resident.NotResident as e:
+            if path == "resident":
+                raise BadRun(f"--data-path resident: {e}") from None
+            if run.master:
+                print(f"note: views are made by loader workers: {e}", flush=True)
+        else:
+            run.loader = resident.build_resident_loader(images, run.recipes, run.sampler.batch_size,
+                                                        run.sampler, args.seed, args.workers)
+            run.data_path = "resident"
+            return
+    run.loader, run.data_path = data.build_loader(run.view_set(run.colour_on),
+                                                  run.sampler.batch_size, run.sampler,
+                                                  num_workers=args.workers, pin_memory=cuda), \
+        "workers"
+
+
+def _large_images(base):
+    """Whether ``base`` is one array of images above resident.MATMUL_MAX_SIDE px: those the
+    resident path crops image by image on a CPU, as the loader does (an image folder: False,
+    resident.place says why it is not resident)."""
+    try:
+        return max(resident.array_shape(base)[-2:]) > resident.MATMUL_MAX_SIDE
+    except resident.NotResident:
+        return False
+
+
 # ========================================================================= the run
 def build_run(args, device=torch.device("cpu"), rank=0, world=1, train=True):
     """Everything a run needs, in the order the seeded RNG is drawn (module docstring).
@@ -226,8 +268,7 @@ def build_training(run):
                                             rank=run.rank, world_size=run.world)
     except ValueError as e:
         raise BadRun(str(e)) from None
-    run.loader = data.build_loader(run.view_set(run.colour_on), per_rank, run.sampler,
-                                   num_workers=args.workers, pin_memory=run.device.type == "cuda")
+    build_views_loader(run, args.data_path)
     # With a --knn-bank, the bank and the validation images come from the whole splits, so a
     # run pretrained on --data-size of the training split is measured on the same images as
     # every other run of a comparison; without one (quick runs), a quarter as many val images.

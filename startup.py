@@ -20,7 +20,7 @@ import torch.distributed as dist
 import compress
 from checkpoint import check_out_dir, read_resumable, restore, seed_all, set_rng_state
 from distributed import cpu_group, setup_distributed
-from run import BadRun, build_run
+from run import BadRun, build_run, build_views_loader
 from schedule import auto_schedule
 
 
@@ -41,6 +41,7 @@ class TrainState:
     evals_done: int = 0
     saves_done: int = 0
     bad_files: list = dataclasses.field(default_factory=list)   # unreadable images met
+    data_path: str = ""             # how views are made: resident or workers ("": workers)
 
     @classmethod
     def from_dict(cls, d):
@@ -71,13 +72,15 @@ def start(args, parser):
                                             for _, s in run.accel.stages]), None
     if candidates:                 # the newest good checkpoint (last.pt, unless it is damaged)
         state, resume_path = resume(run, candidates)
+    keep_data_path(run, state, resume_path)
     if args.accel == "auto":                          # the stages an interrupted run had chosen
         run.accel = auto_schedule(state.auto)
     epochs = args.budget / run.price(compress.NONE) / len(run.train_base)   # every rank prices
     if run.master:
         prepare_out_dir(args, state.step if resume_path else None)
         print(f"{args.method} | ViT {run.backbone.config()} | {world} process(es) on {device} | "
-              f"batch {args.batch_size} | budget {args.budget:,.0f} units (~{epochs:.1f} "
+              f"views: {describe_path(run)} | batch {args.batch_size} | "
+              f"budget {args.budget:,.0f} units (~{epochs:.1f} "
               f"uncompressed epochs) | accel: {run.accel}", flush=True)
         if epochs < 1 and args.data != "embedded":
             warn_short_budget(run, epochs)
@@ -99,6 +102,34 @@ def out_dir_candidates(args, rank, world):
     if choice[1]:
         raise SystemExit(choice[1] if rank == 0 else 1)
     return choice[0]
+
+
+def describe_path(run):
+    """The data path in the start-up line: where the images are, how many bytes."""
+    if run.data_path != "resident":
+        return f"{run.args.workers} loader worker(s)"
+    images = run.loader.images
+    where = run.device if images.on_device else "pinned host memory"
+    return f"resident ({images.images.numel() / 1e6:,.0f} MB on {where})"
+
+
+def keep_data_path(run, state, resumed):
+    """A resumed run goes on making its views as it did (resident or workers: the same draws,
+    pixels apart by float rounding, so only its own path resumes bitwise), unless --data-path
+    names the other; either way the log says so."""
+    saved = state.data_path or "workers"          # runs from before --data-path used workers
+    if resumed and saved != run.data_path:
+        if run.args.data_path == "auto":
+            try:
+                build_views_loader(run, saved)
+                change = f"keeps its data path {saved!r} (--data-path changes it)"
+            except BadRun as e:
+                change = f"cannot keep its data path {saved!r} ({e}); views by {run.data_path!r}"
+        else:
+            change = f"changes its data path from {saved!r} to {run.data_path!r} (--data-path)"
+        if run.master:
+            print(f"note: the resumed run {change}", flush=True)
+    state.data_path = run.data_path
 
 
 def warn_short_budget(run, epochs):

@@ -100,7 +100,8 @@ def recorded(request):
     method = request.param
     args, _ = get_args(["--method", method, "--model", "cpu", "--img-size", "16", "--data-size",
                         "64", "--batch-size", "8", "--eval-every", "0", "--accel", STRATEGY,
-                        "--augment-on", "device", "--out", "unused"])     # colour ops too
+                        "--augment-on", "device", "--data-path", "workers",   # colour ops too
+                        "--out", "unused"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                    # (a module fixture: before ``one_thread``)
     with torch.random.fork_rng(devices=[]):
