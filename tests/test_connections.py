@@ -33,29 +33,12 @@ from probe import SIGNAL_FLOOR, probe  # noqa: E402
 from run import build_run  # noqa: E402
 from schedule import learning_rate, momentum_schedule  # noqa: E402
 from startup import TrainState  # noqa: E402
+from test_distributed import Float64Views  # noqa: E402  (views in float64, for a float64 model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ============================================================ the probe (paper §5)
-class Float64Views:
-    """A view set whose views are float64 (pixel values 0..255, as the uint8 ones): the probe
-    then runs a float64 model end to end, and the reference below can match it to 1e-9."""
-
-    def __init__(self, views):
-        self.views, self.recipes = views, views.recipes
-
-    def __len__(self):
-        return len(self.views)
-
-    def set_epoch(self, epoch):
-        self.views.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        v, label = self.views[i]
-        return [x.double() for x in v], label
-
-
 def _reference_rows(method, view_set, strategies, seed, batch_size, batches, ref_batches):
     """What the probe's docstring defines, written out: draw the same batches (one index
     stream from ``seed``, epochs 1_000_000 + i for the reference and 2_000_000 + k for the

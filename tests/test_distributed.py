@@ -180,7 +180,7 @@ def main(out_path):
     dist.destroy_process_group()
 
 
-class _Float64Views:
+class Float64Views:
     """A view set whose views are float64, for a model in float64 (only the order of the sums
     then separates two processes from one)."""
 
@@ -216,7 +216,7 @@ def probe_main(out_path):
     from schedule import parse_grid
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    views = _Float64Views(data.ViewDataset(embedded.EmbeddedShapes("train", size=64, img_size=IMG),
+    views = Float64Views(data.ViewDataset(embedded.EmbeddedShapes("train", size=64, img_size=IMG),
                                            augment.build_views("simclr", IMG), seed=0))
 
     def run(method, batch_size):

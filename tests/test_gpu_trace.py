@@ -145,8 +145,9 @@ def test_the_backward_copies_nothing_from_or_to_the_host(name):
 
 
 def test_a_batch_of_views_crosses_once_and_its_colour_ops_run_on_the_device():
-    """train_step's input: the loader's uint8 crops and packed colour draws (``--augment-on
-    device``) cross as non-blocking copies of the pinned batch, and nothing else does."""
+    """train_step's input: the loader's uint8 crops (``--augment-on device``) cross as a
+    non-blocking copy, their colour draws stay on the host (they are host values, read there to
+    plan the ops) and cross once as colour_on_device's plan, and nothing else crosses."""
     import augment
     import data
     images = data.build_dataset("embedded", split="train", img_size=16, size=8)
@@ -154,7 +155,7 @@ def test_a_batch_of_views_crosses_once_and_its_colour_ops_run_on_the_device():
                              colour_on="device")
     batch = torch.utils.data.default_collate([views[i] for i in range(8)])[0]   # 2 × (crops,
     mode = FakeTensorMode()                                                      # draws)
-    batch = [[mode.from_tensor(t) for t in view] for view in batch]
+    batch = [(mode.from_tensor(crops), packed) for crops, packed in batch]   # draws: real, host
     with mode:
         for step in range(2):                          # the first makes the normalisers
             traffic = HostTraffic("cuda", batches=True)
