@@ -13,6 +13,7 @@ equally.
     python figures.py decay --method simclr $D      # Figs. 5/6: cosine vs polynomial decay
     python figures.py views $D                      # second paper: views × data, × compression
     python figures.py views $D --full-size 4500     # the same where data is scarce (10 %)
+    python figures.py compare $D --full-size 5000 --budget 800k   # many epochs: 26 of 5,000
     python figures.py auto --method simclr $D       # §5: --accel auto's probe points, batches, grid
 
 Without ``--data`` the runs use the embedded dataset (minutes, a look at the machinery only).
@@ -48,7 +49,8 @@ def report(folder, text, results):
 
 
 def describe(args):
-    return (f"{args.dataset}, CPU preset, seeds {','.join(map(str, args.seed_list))} "
+    subset = f" ({args.subset:,} images, also the k-NN bank)" if args.subset else ""
+    return (f"{args.dataset}{subset}, CPU preset, seeds {','.join(map(str, args.seed_list))} "
             f"(constants: {','.join(map(str, args.seed_list[:args.constant_seeds]))})")
 
 
@@ -113,12 +115,23 @@ def fig_cost(args):
     plots.plot_cost(os.path.join(args.folder, "cost.png"), results, patches, drops)
 
 
+def spec_n(args, method, name, budget, seed, *extra):
+    """figures_runs.spec; with ``--full-size N`` (compare, constant, decay: the many-epoch
+    regime) the run pretrains on N evenly spaced images of the split (train.py --data-size N),
+    its k-NN bank too, and is named ``<name>_n<N>``, so that the whole split's runs are neither
+    reused nor overwritten."""
+    if not args.subset:
+        return spec(args, method, name, budget, seed, *extra)
+    return spec(args, method, f"{name}_n{args.subset}", budget, seed,
+                "--data-size", str(args.subset), *extra)
+
+
 def by_budget(args, variants, seeds):
     """Each (name, extra flags) of ``variants`` at each budget of --budgets, with ``seeds``,
     the first variant the reference; → (table rows, results) with final NN, LP and the NN
     gain over the reference of the same budget and seed. An earlier sitting's rows at budgets
     not run now (the figure's results.json) are kept, so budgets can be added one at a time."""
-    groups = {(name, b): [spec(args, args.method, name, b, s, *extra) for s in seeds]
+    groups = {(name, b): [spec_n(args, args.method, name, b, s, *extra) for s in seeds]
               for b in args.budgets.split(",") for name, extra in variants}
     run_all([r for g in groups.values() for r in g], args)
     evals = evaluate([o for g in groups.values() for o, _ in g], args)
@@ -192,14 +205,14 @@ def fig_compare(args):
     (online probes charged to its budget); final accuracies, k-NN curves, speed-ups."""
     m, b, seeds = args.method, args.budget, args.seed_list
     consts = seeds[:args.constant_seeds]
-    base = [spec(args, m, "baseline", b, s) for s in seeds]
-    drop = [spec(args, m, "drop", b, s, "--accel", DROP) for s in consts]
+    base = [spec_n(args, m, "baseline", b, s) for s in seeds]
+    drop = [spec_n(args, m, "drop", b, s, "--accel", DROP) for s in consts]
     run_all(base + drop, args)
     sched, probe_units = probe_and_build(args, base[0][0])
     groups = dict(baseline=base, drop=drop,
-                  patch=[spec(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
-                  schedule=[spec(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
-                  auto=[spec(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
+                  patch=[spec_n(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
+                  schedule=[spec_n(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
+                  auto=[spec_n(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
     run_all(groups["schedule"] + groups["auto"] + groups["patch"], args)
     text, results, runs = group_rows(args, {n: [o for o, _ in g] for n, g in groups.items()})
     auto_units = results["auto"]["probe_units"]
@@ -385,7 +398,10 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--full-size", type=int, default=None,
                     help="views: 'all the images' (default: the training split; fewer: the "
-                         "data-scarce regime, written to <out>/<dataset>/views_n<N>[_<budget>]/)")
+                         "data-scarce regime, written to <out>/<dataset>/views_n<N>[_<budget>]/"
+                         "). compare, constant, decay: pretrain on N images of the split, also "
+                         "the k-NN bank (many epochs in a budget; runs <name>_n<N>, figure "
+                         "<figure>_<method>_n<N>[_<budget>]/)")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
@@ -413,6 +429,8 @@ def parse_args(argv=None):
     if not 1 <= args.constant_seeds <= len(args.seed_list):
         ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
                  f"(the number of --seeds)")
+    if args.full_size is not None and args.figure in ("cost", "auto"):
+        ap.error(f"--full-size is for views, compare, constant and decay, not {args.figure}")
     if args.full_size is not None and args.full_size < 2:
         ap.error(f"--full-size {args.full_size} must be ≥ 2 images (half of it is a group)")
     if args.half_size is not None and not 1 <= args.half_size < (args.full_size or float("inf")):
@@ -424,12 +442,14 @@ def parse_args(argv=None):
                  f"{', '.join(AUTO_NAMES)}")
     args.variants = args.variants.split(",")
     embedded = args.data == "embedded"
+    args.subset = args.full_size if args.figure != "views" else None   # spec_n
     args.dataset = os.path.basename(os.path.normpath(args.data_root)) \
         if args.data == "folder" and args.data_root else args.data
     args.data_flags = ["--data", args.data, *(["--data-root", args.data_root] if args.data_root
                                                else []),
                        *(["--download"] if args.download else []),
-                       "--knn-bank", str(args.knn_bank)]       # all 8,000 on the embedded set
+                       # all 8,000 on the embedded set; a --full-size subset's bank is itself
+                       *([] if args.subset else ["--knn-bank", str(args.knn_bank)])]
     args.all_train = args.figure == "views"
     args.default_budget = "200k" if embedded else "500k"
     args.budget = args.budget or args.default_budget
@@ -444,6 +464,8 @@ def figure_folder(args):
     probes."""
     suffix = f"_{args.method}" if args.figure != "views" else \
         f"_n{args.full_size}" if args.full_size else ""
+    if args.subset:
+        suffix += f"_n{args.subset}"
     if args.figure in ("compare", "views", "auto") and args.budget != args.default_budget:
         suffix += f"_{args.budget}"
     return os.path.join(args.out, args.dataset, args.figure + suffix)
@@ -451,6 +473,10 @@ def figure_folder(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    split = training_images(args) if args.subset else None
+    if args.subset and args.subset >= split:
+        raise SystemExit(f"error: --full-size {args.subset} must be below the {split} training "
+                         f"images of --data {args.data}")
     args.folder = figure_folder(args)
     os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()

@@ -282,3 +282,25 @@ def test_the_budget_figures_draw_final_accuracy_against_the_budget_in_units(tmp_
     pytest.importorskip("matplotlib")
     figures.plot_budgets(args, results, "t")              # patch at one budget: a point alone
     assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_many_epoch_regime_pretrains_on_a_subset_that_is_its_own_bank(tmp_path, monkeypatch,
+                                                                          capsys):
+    with pytest.raises(SystemExit):
+        figures.parse_args(["auto", "--full-size", "1000"])
+    assert "--full-size is for views, compare, constant and decay, not auto" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--full-size 8000 must be below the 8000 training"):
+        figures.main(["compare", "--full-size", "8000", "--out", str(tmp_path)])
+    ran = runs_asked_for(monkeypatch)
+    with pytest.raises(StopIteration):
+        figures.main(["compare", "--full-size", "1000", "--budget", "1M", "--seeds", "0",
+                      "--out", str(tmp_path)])
+    assert os.path.isdir(tmp_path / "embedded" / "compare_simclr_n1000_1M")
+    names = [os.path.basename(out) for out, _ in ran]
+    assert names == ["baseline_n1000_1M_s0", "drop_n1000_1M_s0"]   # never the whole split's runs
+    for _, argv in ran:
+        assert argv[argv.index("--data-size") + 1] == "1000" and "--knn-bank" not in argv
+    args = figures.parse_args(["constant", "--full-size", "1000", "--budgets", "1M"])
+    assert figures.figure_folder(args) == os.path.join("figs", "embedded", "constant_simclr_n1000")
+    assert "1,000 images, also the k-NN bank" in figures.describe(args)
