@@ -41,10 +41,10 @@ DINO_LOCAL_CROPS = 2
 # The default budget per method: the quick start, ``python train.py --method M`` on the embedded
 # set (k-NN before → after, one thread; docs/recipes.md "Quick start"). At 200k (~2 minutes of
 # an idle 2-core CPU) SimCLR gains +21.2 points, MoCo-v3 +9.5, the multi-view loss +14.0, DINO
-# +2.0. MoCo-v3 learns on with the budget (+14.5 at 400k, ~4 minutes), so it gets 400k. The
-# multi-view loss has levelled off (+14.1 at 300k) and DINO barely starts (+3.7 even at lr
-# 5e-3 and momentum 0.95): more budget buys them nothing within minutes, so they keep 200k.
-DEFAULT_BUDGET = {"simclr": "200k", "moco": "400k", "dino": "200k", "multiview": "200k"}
+# +2.0. MoCo-v3 learns on with the budget (+14.5 at 400k, +21.7 at 500k, ~5 minutes), so it
+# gets 500k. The multi-view loss has levelled off (+14.1 at 300k) and DINO barely starts (+3.7
+# even at lr 5e-3 and momentum 0.95): more budget buys them nothing within minutes: 200k.
+DEFAULT_BUDGET = {"simclr": "200k", "moco": "500k", "dino": "200k", "multiview": "200k"}
 SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
 
@@ -122,7 +122,7 @@ def _add_run_flags(ap):
     ap.add_argument("--budget", type=parse_units, default=None,
                     help="training budget in units (forward passes of the uncompressed backbone "
                          "on one image); default per method, the quick start on the embedded set "
-                         "(2–4 minutes on an idle 2-core CPU): "
+                         "(2–5 minutes on an idle 2-core CPU): "
                          + ", ".join(f"{m} {b}" for m, b in DEFAULT_BUDGET.items()))
     ap.add_argument("--lr", type=float, default=None,
                     help="peak lr per 256 images (scaled linearly with the batch); default: the "
