@@ -13,6 +13,7 @@ equally.
     python figures.py decay --method simclr $D      # Figs. 5/6: cosine vs polynomial decay
     python figures.py views $D                      # second paper: views × data, × compression
     python figures.py views $D --full-size 4500     # the same where data is scarce (10 %)
+    python figures.py compare $D --full-size 5000 --budget 800k   # many epochs: 26 of 5,000
     python figures.py auto --method simclr $D       # §5: --accel auto's probe points, batches, grid
     python figures.py tables                        # every table and PNG again, from the records
 
@@ -92,11 +93,22 @@ def budget_order(names):
                       if k.split()[0] in names else len(names))
 
 
+def spec_n(args, method, name, budget, seed, *extra):
+    """figures_runs.spec; with ``--full-size N`` (compare, constant, decay: the many-epoch
+    regime) the run pretrains on N evenly spaced images of the split (train.py --data-size N),
+    its k-NN bank too, and is named ``<name>_n<N>``, so that the whole split's runs are neither
+    reused nor overwritten."""
+    if not args.subset:
+        return spec(args, method, name, budget, seed, *extra)
+    return spec(args, method, f"{name}_n{args.subset}", budget, seed,
+                "--data-size", str(args.subset), *extra)
+
+
 def by_budget(args, variants, seeds):
     """Each (name, extra flags) of ``variants`` at each budget of --budgets, with ``seeds``,
     the first variant the reference (NN gain paired by seed); run, evaluated, then written
     with an earlier sitting's rows at other budgets (write_figure)."""
-    groups = {f"{name} {b}": [spec(args, args.method, name, b, s, *extra) for s in seeds]
+    groups = {f"{name} {b}": [spec_n(args, args.method, name, b, s, *extra) for s in seeds]
               for b in args.budgets.split(",") for name, extra in variants}
     run_all([r for g in groups.values() for r in g], args)
     evaluate([o for g in groups.values() for o, _ in g], args)
@@ -136,14 +148,14 @@ def fig_compare(args):
     (online probes charged to its budget); final accuracies, k-NN curves, speed-ups."""
     m, b, seeds = args.method, args.budget, args.seed_list
     consts = seeds[:args.constant_seeds]
-    base = [spec(args, m, "baseline", b, s) for s in seeds]
-    drop = [spec(args, m, "drop", b, s, "--accel", DROP) for s in consts]
+    base = [spec_n(args, m, "baseline", b, s) for s in seeds]
+    drop = [spec_n(args, m, "drop", b, s, "--accel", DROP) for s in consts]
     run_all(base + drop, args)
     sched = probe_and_build(args, base[0][0])
     groups = dict(baseline=base, drop=drop,
-                  patch=[spec(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
-                  schedule=[spec(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
-                  auto=[spec(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
+                  patch=[spec_n(args, m, "patch", b, s, "--accel", PATCH) for s in consts],
+                  schedule=[spec_n(args, m, "schedule", b, s, "--accel", sched) for s in seeds],
+                  auto=[spec_n(args, m, "auto", b, s, "--accel", "auto") for s in seeds])
     run_all(groups["schedule"] + groups["auto"] + groups["patch"], args)
     evaluate([o for g in groups.values() for o, _ in g], args)
     rows = {n: [o for o, _ in g] for n, g in groups.items()}
@@ -257,7 +269,10 @@ def parse_args(argv=None):
                     help="how many of --seeds the constant strategies run with")
     ap.add_argument("--full-size", type=int, default=None,
                     help="views: 'all the images' (default: the training split; fewer: the "
-                         "data-scarce regime, written to <out>/<dataset>/views_n<N>[_<budget>]/)")
+                         "data-scarce regime, written to <out>/<dataset>/views_n<N>[_<budget>]/"
+                         "). compare, constant, decay: pretrain on N images of the split, also "
+                         "the k-NN bank (many epochs in a budget; runs <name>_n<N>, figure "
+                         "<figure>_<method>_n<N>[_<budget>]/)")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
@@ -285,6 +300,8 @@ def parse_args(argv=None):
     if not 1 <= args.constant_seeds <= len(args.seed_list):
         ap.error(f"--constant-seeds {args.constant_seeds} must be in [1, {len(args.seed_list)}] "
                  f"(the number of --seeds)")
+    if args.full_size is not None and args.figure in ("cost", "auto"):
+        ap.error(f"--full-size is for views, compare, constant and decay, not {args.figure}")
     if args.full_size is not None and args.full_size < 2:
         ap.error(f"--full-size {args.full_size} must be ≥ 2 images (half of it is a group)")
     if args.half_size is not None and not 1 <= args.half_size < (args.full_size or float("inf")):
@@ -296,12 +313,14 @@ def parse_args(argv=None):
                  f"{', '.join(AUTO_NAMES)}")
     args.variants = args.variants.split(",")
     embedded = args.data == "embedded"
+    args.subset = args.full_size if args.figure != "views" else None   # spec_n
     args.dataset = os.path.basename(os.path.normpath(args.data_root)) \
         if args.data == "folder" and args.data_root else args.data
     args.data_flags = ["--data", args.data, *(["--data-root", args.data_root] if args.data_root
                                                else []),
                        *(["--download"] if args.download else []),
-                       "--knn-bank", str(args.knn_bank)]       # all 8,000 on the embedded set
+                       # all 8,000 on the embedded set; a --full-size subset's bank is itself
+                       *([] if args.subset else ["--knn-bank", str(args.knn_bank)])]
     args.all_train = args.figure == "views"
     args.default_budget = "200k" if embedded else "500k"
     args.budget = args.budget or args.default_budget
@@ -316,6 +335,8 @@ def figure_folder(args):
     probes."""
     suffix = f"_{args.method}" if args.figure != "views" else \
         f"_n{args.full_size}" if args.full_size else ""
+    if args.subset:
+        suffix += f"_n{args.subset}"
     if args.figure in ("compare", "views", "auto") and args.budget != args.default_budget:
         suffix += f"_{args.budget}"
     return os.path.join(args.out, args.dataset, args.figure + suffix)
@@ -324,6 +345,10 @@ def figure_folder(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.figure != "tables":
+        split = training_images(args) if args.subset else None
+        if args.subset and args.subset >= split:
+            raise SystemExit(f"error: --full-size {args.subset} must be below the {split} "
+                             f"training images of --data {args.data}")
         args.folder = figure_folder(args)
         os.makedirs(args.folder, exist_ok=True)
     t0 = time.time()

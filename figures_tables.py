@@ -20,6 +20,7 @@ results.json is its record.
 import glob
 import json
 import os
+import re
 
 import plots
 from figures_runs import ROOT, read_eval, read_run
@@ -40,6 +41,18 @@ def kind_of(folder):
             return kind
     raise ValueError(f"{folder}: not a figure folder (its name must start with one of "
                      f"{', '.join((*GROUP_KINDS, *BUDGET_KINDS, 'cost'))})")
+
+
+def data_label(folder):
+    """The data a figure ran on, from its folder: figs/cifar10/constant_simclr_n5000 →
+    "cifar10, 5,000 images, also the k-NN bank" (figures.py --full-size: the many-epoch
+    regime); the views figure's _n<N> is its own "all images" and says so in its rows."""
+    name, dataset = os.path.basename(os.path.normpath(folder)), \
+        os.path.basename(os.path.dirname(os.path.normpath(folder)))
+    n = re.search(r"_n(\d+)(_|$)", name)
+    if n and kind_of(folder) != "views":
+        return f"{dataset}, {int(n.group(1)):,} images, also the k-NN bank"
+    return dataset
 
 
 def at(out):
@@ -133,7 +146,7 @@ def render_group(folder, manifest):
     if budget is None:
         return unrecorded(png, results), results
     text = (f"{base['method']}, {budget:,.0f} units a run, "
-            f"{os.path.basename(os.path.dirname(os.path.normpath(folder)))}. "
+            f"{data_label(folder)}. "
             f"Speed-up against '{names[0]}' of the same seed (figures_stats.py): the budget "
             "from which a run's k-NN level (a 3-evaluation mean) stays at the reference's end "
             "level, divided into the reference's budget; median (range) over seeds, n.r. = "
@@ -237,7 +250,7 @@ def render_budgets(folder, manifest):
              "" if r["nn_minus_reference"] is None else spread(r["nn_minus_reference"]["values"]))
             for k, r in results.items() if r["runs"]]
     text = (f"{first['method']}: {what}, at equal budgets "
-            f"({os.path.basename(os.path.dirname(os.path.normpath(folder)))}; final NN / LP: "
+            f"({data_label(folder)}; final NN / LP: "
             "eval.py, mean (range) over seeds; the gain paired by seed)\n\n"
             + table(["budget", "run", "seeds", "steps", "NN %", "LP %", "NN − baseline"], rows)
             + lost_note({k: r["lost"] for k, r in results.items()}))

@@ -38,6 +38,13 @@ CPU_PRESET_DINO_LR = 1.5e-3
 CPU_PRESET_MOMENTUM = {"moco": 0.9, "dino": 0.99}
 # DINO's local crops on the cpu preset (measured on CIFAR-10, README "Recipes").
 DINO_LOCAL_CROPS = 2
+# The default budget per method: the quick start, ``python train.py --method M`` on the embedded
+# set (k-NN before → after, one thread; docs/recipes.md "Quick start"). At 200k (~2 minutes of
+# an idle 2-core CPU) SimCLR gains +21.2 points, MoCo-v3 +9.5, the multi-view loss +14.0, DINO
+# +2.0. MoCo-v3 learns on with the budget (+14.5 at 400k, +21.7 at 500k, ~5 minutes), so it
+# gets 500k. The multi-view loss has levelled off (+14.1 at 300k) and DINO barely starts (+3.7
+# even at lr 5e-3 and momentum 0.95): more budget buys them nothing within minutes: 200k.
+DEFAULT_BUDGET = {"simclr": "200k", "moco": "500k", "dino": "200k", "multiview": "200k"}
 SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
 
@@ -112,10 +119,11 @@ def _add_run_flags(ap):
     ap.add_argument("--patch-size", type=int, default=None, help="base patch size p0; default: the preset's")
     ap.add_argument("--batch-size", type=int, default=64,
                     help="global batch over all processes (per process = batch / world size)")
-    ap.add_argument("--budget", type=parse_units, default=parse_units("200k"),
+    ap.add_argument("--budget", type=parse_units, default=None,
                     help="training budget in units (forward passes of the uncompressed backbone "
-                         "on one image); the default is ~4 epochs of SimCLR on the embedded set, "
-                         "a few minutes on a 2-core CPU")
+                         "on one image); default per method, the quick start on the embedded set "
+                         "(2–5 minutes on an idle 2-core CPU): "
+                         + ", ".join(f"{m} {b}" for m, b in DEFAULT_BUDGET.items()))
     ap.add_argument("--lr", type=float, default=None,
                     help="peak lr per 256 images (scaled linearly with the batch); default: the "
                          f"official per-method value, or {CPU_PRESET_LR} for the cpu preset "
@@ -307,6 +315,8 @@ def build_parser():
 def _fill_defaults(args):
     """The defaults that depend on the method, the preset or another flag (None until here)."""
     cpu, dino = args.model in ("cpu", "vit_cpu"), args.method == "dino"
+    if args.budget is None:
+        args.budget = parse_units(DEFAULT_BUDGET[args.method])
     if args.lr is None and cpu:
         args.lr = CPU_PRESET_DINO_LR if dino else CPU_PRESET_LR
     if args.momentum is None and cpu:

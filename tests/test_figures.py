@@ -300,3 +300,24 @@ def test_the_checker_reads_quoted_numbers_back_from_the_committed_tables(tmp_pat
         [f"{quoted}: '51.6 (51.1–51.9)' is in no table"]
     problems, counted, lost = figures_check.check_records(out)
     assert problems == [] and counted > 0
+
+
+def test_the_many_epoch_regime_pretrains_on_a_subset_that_is_its_own_bank(tmp_path, monkeypatch,
+                                                                          capsys):
+    with pytest.raises(SystemExit):
+        figures.parse_args(["auto", "--full-size", "1000"])
+    assert "--full-size is for views, compare, constant and decay, not auto" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--full-size 8000 must be below the 8000 training"):
+        figures.main(["compare", "--full-size", "8000", "--out", str(tmp_path)])
+    ran = runs_asked_for(monkeypatch)
+    with pytest.raises(StopIteration):
+        figures.main(["compare", "--full-size", "1000", "--budget", "1M", "--seeds", "0",
+                      "--out", str(tmp_path)])
+    assert os.path.isdir(tmp_path / "embedded" / "compare_simclr_n1000_1M")
+    names = [os.path.basename(out) for out, _ in ran]
+    assert names == ["baseline_n1000_1M_s0", "drop_n1000_1M_s0"]   # never the whole split's runs
+    for _, argv in ran:
+        assert argv[argv.index("--data-size") + 1] == "1000" and "--knn-bank" not in argv
+    args = figures.parse_args(["constant", "--full-size", "1000", "--budgets", "1M"])
+    assert figures.figure_folder(args) == os.path.join("figs", "embedded", "constant_simclr_n1000")

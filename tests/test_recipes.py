@@ -237,3 +237,9 @@ def test_bad_recipe_flags_are_refused_naming_the_value(flags, message, capsys):
         get_args(flags)
     assert e.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_the_quick_start_budget_is_per_method_and_a_given_budget_wins():
+    budget = {m: get_args(["--method", m])[0].budget for m in ("simclr", "moco", "dino", "multiview")}
+    assert budget == {"simclr": 2e5, "moco": 5e5, "dino": 2e5, "multiview": 2e5}
+    assert get_args(["--method", "moco", "--budget", "50k"])[0].budget == 5e4
