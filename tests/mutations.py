@@ -44,7 +44,7 @@ MUTATIONS = [
      "local = ViewCompression(drop=strategy.q.drop)",
      "local = strategy.q", [CONNECTIONS]),
     ("no optimiser step in training", "train.py",
-     "run.optimizer.step()                                                     # AdamW",
+     "run.scaler.step(run.optimizer)                  # AdamW (fp16: skipped if gradients overflowed)",
      "pass", ["tests/test_train.py::test_each_method_trains_end_to_end"]),
     ("the target never moves (no EMA)", "train.py",
      "run.method.update_target(progress)",

@@ -257,3 +257,20 @@ def test_dinos_local_crops_are_priced_at_the_base_patch_whatever_the_global_patc
     expected = (2 * (3 * student + teacher) + 2 * 3 * local) / f0
     assert c.sample_units("dino", s, local_size=8) == pytest.approx(expected, rel=1e-12)
     assert local != f(1, 8, 2)          # the local crop at the global patch would differ
+
+
+def test_every_one_line_bug_of_the_mutation_check_still_names_a_line_of_the_code():
+    """tests/mutations.py makes each bug by replacing one exact line: a refactor that changes
+    the line would leave the entry 'stale' (checking nothing) with no one told, so the suite
+    says so here, where it costs nothing."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "mutations", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mutations.py"))
+    mutations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutations)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, file, old, new, tests in mutations.MUTATIONS:
+        with open(os.path.join(root, file)) as f:
+            text = f.read()
+        assert text.count(old) == 1, f"{name}: {old!r} is not in {file} exactly once"
+        assert new != old and tests, name
