@@ -64,7 +64,7 @@ def resample_weights(start, length, size, extent):
     return w / w.sum(-1, keepdim=True)
 
 
-def crop_flip(images, boxes, flips, size):
+def crop_flip_matmul(images, boxes, flips, size):
     """RandomResizedCrop's crop + resize and the flip, for a batch: uint8 images (B, 3, H, W),
     boxes (B, 4) long (top, left, height, width), flips (B,) bool, all on one device → float
     (B, 3, size, size) in [0, 1], the reference's resized_crop to float rounding."""
@@ -232,7 +232,7 @@ def make_views(images, draws, recipes):
     """The batch's views, made on the images' device: V × uint8 (B, 3, s, s). The only copies
     to the device are the indices, boxes and flips (and, inside the colour ops, their plan).
 
-    The crop: two batched matmuls (``crop_flip``) on a GPU, where arithmetic is cheap and each
+    The crop: two batched matmuls (``crop_flip_matmul``; augment.crop_flip is the image-by-image one) on a GPU, where arithmetic is cheap and each
     call costs a launch. A CPU has it the other way round: the matmuls multiply every source
     pixel by a weight that is mostly zero (H·W·s products a channel, where the antialiased
     filter needs a few taps), so above MATMUL_MAX_SIDE it crops image by image with the
@@ -247,7 +247,7 @@ def make_views(images, draws, recipes):
             crops = augment.resized_crops(x, draws.boxes[v].tolist(), r.size)  # (B, 3, s, s)
             crops = torch.where(flips[v][:, None, None, None], crops.flip(-1), crops)
         else:
-            crops = crop_flip(x, boxes[v], flips[v], r.size)
+            crops = crop_flip_matmul(x, boxes[v], flips[v], r.size)
         views.append(augment.colour_on_device(crops, draws.colour[v]))
     return views
 

@@ -79,7 +79,7 @@ def test_batched_crops_are_torchvisions_antialiased_resized_crops(height, width,
     images = torch.randint(0, 256, (40, 3, height, width), dtype=torch.uint8, generator=g)
     recipe = augment.ViewRecipe(size, scale=(0.05, 1.0))
     params = [augment.draw_params(height, width, recipe, g) for _ in images]
-    crops = resident.crop_flip(images, torch.tensor([p.box for p in params]),
+    crops = resident.crop_flip_matmul(images, torch.tensor([p.box for p in params]),
                                torch.tensor([p.flip for p in params]), size)
     for crop, img, p in zip(crops, images, params):
         ref = F.resized_crop(F.to_dtype(img, torch.float32, scale=True), *p.box, [size, size],
