@@ -233,7 +233,8 @@ def make_views(images, draws, recipes):
     to the device are the indices, boxes and flips (and, inside the colour ops, their plan).
 
     The crop: two batched matmuls (``crop_flip_matmul``; augment.crop_flip is the image-by-
-    image one) on a GPU, where arithmetic is cheap and each call costs a launch. A CPU has it the other way round: the matmuls multiply every source
+    image one) on a GPU, where arithmetic is cheap and each call costs a launch. A CPU has it
+    the other way round: the matmuls multiply every source
     pixel by a weight that is mostly zero (H·W·s products a channel, where the antialiased
     filter needs a few taps), so above MATMUL_MAX_SIDE it crops image by image with the
     reference's own F.interpolate (augment.resized_crops; bench.py --section loader: at 32 px
