@@ -64,15 +64,23 @@ def mlp(in_dim, hidden_dim, out_dim, layers, last_bn=True):
 
 
 class DINOHead(nn.Module):
-    """GELU MLP → bottleneck → L2-normalise → weight-normalised Linear to out_dim prototypes."""
+    """GELU MLP → bottleneck → L2-normalise → weight-normalised Linear to out_dim prototypes.
 
-    def __init__(self, in_dim, out_dim=4096, hidden_dim=1024, bottleneck_dim=256, layers=3):
+    The official code's two switches: ``use_bn`` puts a (global) BatchNorm after each hidden
+    Linear (its ``--use_bn_in_head``); ``norm_last_layer=False`` lets each prototype's norm g
+    learn (its ``--norm_last_layer``: "not normalizing leads to better performance but can make
+    the training unstable"; the official ViT-S/16 recipe sets it False)."""
+
+    def __init__(self, in_dim, out_dim=4096, hidden_dim=1024, bottleneck_dim=256, layers=3,
+                 use_bn=False, norm_last_layer=True):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         blocks = []
         for i in range(layers):
             blocks.append(nn.Linear(dims[i], dims[i + 1]))
             if i < layers - 1:
+                if use_bn:
+                    blocks.append(GlobalBatchNorm1d(dims[i + 1]))
                 blocks.append(nn.GELU())
         self.mlp = nn.Sequential(*blocks)
         for m in self.mlp:
@@ -81,13 +89,13 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
         nn.init.trunc_normal_(last.weight, std=0.02)
-        # w = g · v/‖v‖ with g fixed to 1: every prototype has unit norm, so the logits are
-        # cosines and cannot grow by scaling w (the official DINO's norm_last_layer=True,
-        # which stabilises training). original0 is g, original1 is v.
+        # w = g · v/‖v‖ with g starting at 1: every prototype has unit norm, so the logits are
+        # cosines and cannot grow by scaling w. With norm_last_layer (the default) g stays fixed,
+        # which stabilises training. original0 is g, original1 is v.
         self.last_layer = nn.utils.parametrizations.weight_norm(last)
         g = self.last_layer.parametrizations.weight.original0
         g.data.fill_(1.0)
-        g.requires_grad_(False)
+        g.requires_grad_(not norm_last_layer)
 
     def forward(self, x):
         x = self.mlp(x)

@@ -156,10 +156,12 @@ class DINO(nn.Module):
 
     def __init__(self, backbone, out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
                  student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.04,
-                 teacher_temp_warmup=0.0, center_momentum=0.9, momentum=0.996):
+                 teacher_temp_warmup=0.0, center_momentum=0.9, momentum=0.996, use_bn=False,
+                 norm_last_layer=True):
         super().__init__()
         self.backbone = backbone
-        self.head = DINOHead(backbone.dim, out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(backbone.dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn,
+                             norm_last_layer=norm_last_layer)
         self.teacher = _frozen_copy(_Encoder(backbone, self.head))
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.momentum = momentum                                      # base of momentum_schedule
@@ -272,6 +274,7 @@ def method_kwargs(args, dim):
                   teacher_temp_warmup=args.warmup_teacher_temp_frac)
         if args.out_dim is not None:
             kw["out_dim"] = args.out_dim
+        kw.update(use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     if args.method == "multiview":
         per_view = args.batch_size                     # rows of each view's correlation
         if args.proj_dim is not None and args.proj_dim > per_view:

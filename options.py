@@ -192,6 +192,12 @@ def _add_recipe_flags(ap):
     ap.add_argument("--warmup-teacher-temp-frac", type=float, default=0.0,
                     help="DINO: fraction of the budget over which τ_t warms up (official: 0 by "
                          "default, 30 of 100 epochs = 0.3 in its ViT-S recipe)")
+    ap.add_argument("--use-bn-in-head", action=argparse.BooleanOptionalAction, default=False,
+                    help="DINO: BatchNorm after each hidden layer of the head (official option, "
+                         "default off)")
+    ap.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                    help="DINO: keep every prototype at unit norm (official default; its ViT-S "
+                         "recipe turns it off: better, less stable)")
     ap.add_argument("--freeze-last-layer", type=float, default=0.01,
                     help="DINO: the head's last layer takes no step before this fraction of "
                          "the budget (official: the first of 100 epochs)")

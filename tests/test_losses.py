@@ -13,7 +13,8 @@ from heads import DINOHead, mlp
 from compress import ViewCompression as vc
 from distributed import all_reduce_mean, gather_no_grad, gather_with_grad
 from losses import dino_loss, moco_v3_loss, nt_xent, update_center
-from methods import DINO, MoCoV3, SimCLR, build_method
+from methods import DINO, MoCoV3, SimCLR, build_method, method_kwargs
+from options import get_args
 from schedule import momentum_schedule, teacher_temperature
 
 
@@ -179,6 +180,24 @@ def test_dino_head_prototypes_keep_unit_norm_through_training():
     w = head.last_layer.weight                                            # (10, 4) = g·v/‖v‖
     torch.testing.assert_close(w.norm(dim=1), torch.ones(10))
     assert not head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_dino_head_switches_reach_the_head_from_the_flags():
+    """--use-bn-in-head puts a BatchNorm after each hidden Linear (not after the bottleneck);
+    --no-norm-last-layer lets the prototypes' norms g take a step, so they leave 1."""
+    args, _ = get_args(["--method", "dino", "--use-bn-in-head", "--no-norm-last-layer"])
+    method = build_method("dino", TinyBackbone(), **method_kwargs(args, 16))
+    kinds = [type(m).__name__ for m in method.head.mlp]
+    assert kinds == ["Linear", "GlobalBatchNorm1d", "GELU"] * 2 + ["Linear"]
+    g = method.head.last_layer.parametrizations.weight.original0
+    assert g.requires_grad
+    opt = torch.optim.SGD([p for p in method.head.parameters() if p.requires_grad], lr=1.0)
+    method.head(torch.randn(5, 16)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.allclose(method.head.last_layer.weight.norm(dim=1), torch.ones(len(g)))
+    plain, _ = get_args(["--method", "dino"])                      # the official defaults
+    assert method_kwargs(plain, 8)["use_bn"] is False
+    assert method_kwargs(plain, 8)["norm_last_layer"] is True
 
 
 # ============================================================================== methods
