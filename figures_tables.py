@@ -164,6 +164,10 @@ def render_group(folder, manifest):
              "charged to it" for n, r in results.items()
              if isinstance(r, dict) and any(r.get("probe_units", []))]
     text += "\n\n" + group_table({n: results[n] for n in names}, names[0])
+    best, pairs = paired_with_best_constant({n: results[n] for n in names})
+    if pairs:
+        results["paired_with_best_constant"] = dict(best=best, pairs=pairs)
+        text += "\n\n" + paired_table(best, pairs)
     text += ("\n\n" + "\n".join(costs) if costs else "")
     text += lost_note({n: results[n]["lost"] for n in names})
     if "patch" in results and results["patch"]["runs"]:
@@ -174,6 +178,39 @@ def render_group(folder, manifest):
                      f"{base['method']}: k-NN against budget and training time (mean, range "
                      "over seeds)")
     return text, results
+
+
+CONSTANTS, ADAPTIVE = ("drop", "patch"), ("schedule", "auto")
+
+
+def paired_with_best_constant(results):
+    """Fig. 8's question, paired by seed: each adaptive row's (schedule, auto) final NN and LP
+    minus those of the best constant (the constant row of higher mean NN) on the same seed.
+    Returns (best constant, {row: [(seed, ΔNN, ΔLP)]}), or (None, {}) without both kinds."""
+    consts = [n for n in CONSTANTS if n in results and results[n]["runs"]]
+    if not consts:
+        return None, {}
+    best = max(consts, key=lambda n: results[n]["nn"]["mean"])
+    b = results[best]
+    ref = {s: (nn, lp) for s, nn, lp in zip(b["seeds"], b["nn"]["values"], b["lp"]["values"])}
+    pairs = {}
+    for n in ADAPTIVE:
+        r = results.get(n)
+        if r and r["runs"]:
+            pairs[n] = [(s, nn - ref[s][0], lp - ref[s][1]) for s, nn, lp in
+                        zip(r["seeds"], r["nn"]["values"], r["lp"]["values"]) if s in ref]
+    return best, {n: p for n, p in pairs.items() if p}
+
+
+def paired_table(best, pairs):
+    """The Markdown of paired_with_best_constant: one row per adaptive strategy."""
+    rows = [(f"{n} − {best}", ",".join(str(s) for s, _, _ in p),
+             " / ".join(f"{d:+.1f}" for _, d, _ in p), spread([d for _, d, _ in p]),
+             " / ".join(f"{d:+.1f}" for _, _, d in p), spread([d for _, _, d in p]))
+            for n, p in pairs.items()]
+    return (f"Fig. 8, paired by seed against the best constant ('{best}', the higher mean NN):"
+            "\n\n" + table(["difference", "seeds", "NN per seed", "NN mean (range)",
+                             "LP per seed", "LP mean (range)"], rows))
 
 
 def unrecorded(png, results):

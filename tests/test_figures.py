@@ -321,3 +321,21 @@ def test_the_many_epoch_regime_pretrains_on_a_subset_that_is_its_own_bank(tmp_pa
         assert argv[argv.index("--data-size") + 1] == "1000" and "--knn-bank" not in argv
     args = figures.parse_args(["constant", "--full-size", "1000", "--budgets", "1M"])
     assert figures.figure_folder(args) == os.path.join("figs", "embedded", "constant_simclr_n1000")
+
+
+def test_fig8_pairs_each_adaptive_run_with_the_best_constant_of_its_own_seed():
+    """The best constant is the one of higher mean NN (patch here, though drop wins seed 1),
+    and each difference is taken against the same seed's run, whatever the order of seeds."""
+    def row(seeds, nn, lp):
+        return dict(runs=[f"r{s}" for s in seeds], seeds=seeds, lp=dict(values=lp),
+                    nn=dict(values=nn, mean=sum(nn) / len(nn)))
+    results = dict(baseline=row([0, 1, 2], [40, 41, 42], [45, 45, 45]),
+                   drop=row([0, 1, 2], [44, 47, 44], [48, 48, 48]),
+                   patch=row([2, 0, 1], [48, 46, 45], [50, 51, 52]),
+                   schedule=row([0, 1, 2], [47, 45, 49], [50, 50, 50]),
+                   auto=dict(runs=[], seeds=[], nn=dict(values=[]), lp=dict(values=[])))
+    best, pairs = figures_tables.paired_with_best_constant(results)
+    assert best == "patch"
+    assert pairs == {"schedule": [(0, 1, -1), (1, 0, -2), (2, 1, 0)]}
+    text = figures_tables.paired_table(best, pairs)
+    assert "schedule − patch" in text and "+1.0 / +0.0 / +1.0" in text
