@@ -69,7 +69,8 @@ class DINOHead(nn.Module):
     The official code's two switches: ``use_bn`` puts a (global) BatchNorm after each hidden
     Linear (its ``--use_bn_in_head``); ``norm_last_layer=False`` lets each prototype's norm g
     learn (its ``--norm_last_layer``: "not normalizing leads to better performance but can make
-    the training unstable"; the official ViT-S/16 recipe sets it False)."""
+    the training unstable"; the official README's improved ViT-S run turns it off, "only safe
+    with vit_small")."""
 
     def __init__(self, in_dim, out_dim=4096, hidden_dim=1024, bottleneck_dim=256, layers=3,
                  use_bn=False, norm_last_layer=True):
