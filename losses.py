@@ -174,7 +174,6 @@ def update_center(center, teacher_out, momentum=0.9):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def ema_update(target, online, m):
     """θ_target ← m·θ_target + (1−m)·θ_online = θ_target + (1−m)·(θ_online − θ_target), every
     parameter in one fused pass (``_foreach_lerp_``: one kernel launch per group of tensors
