@@ -196,8 +196,8 @@ def _add_recipe_flags(ap):
                     help="DINO: BatchNorm after each hidden layer of the head (official option, "
                          "default off)")
     ap.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
-                    help="DINO: keep every prototype at unit norm (official default; its README's ViT-S "
-                         "run turns it off: better, less stable)")
+                    help="DINO: keep every prototype at unit norm (official default; its "
+                         "README's ViT-S run turns it off: better, less stable)")
     ap.add_argument("--freeze-last-layer", type=float, default=0.01,
                     help="DINO: the head's last layer takes no step before this fraction of "
                          "the budget (official: the first of 100 epochs)")

@@ -196,8 +196,8 @@ def test_dino_head_switches_reach_the_head_from_the_flags():
     opt.step()
     assert not torch.allclose(method.head.last_layer.weight.norm(dim=1), torch.ones(len(g)))
     plain, _ = get_args(["--method", "dino"])                      # the official defaults
-    assert method_kwargs(plain, 8)["use_bn"] is False
-    assert method_kwargs(plain, 8)["norm_last_layer"] is True
+    assert method_kwargs(plain, 16)["use_bn"] is False
+    assert method_kwargs(plain, 16)["norm_last_layer"] is True
 
 
 # ============================================================================== methods
