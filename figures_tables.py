@@ -164,6 +164,7 @@ def render_group(folder, manifest):
              "charged to it" for n, r in results.items()
              if isinstance(r, dict) and any(r.get("probe_units", []))]
     text += "\n\n" + group_table({n: results[n] for n in names}, names[0])
+    text += probe_table(folder)
     best, pairs = paired_with_best_constant({n: results[n] for n in names})
     if pairs:
         results["paired_with_best_constant"] = dict(best=best, pairs=pairs)
@@ -237,6 +238,35 @@ def fig1(folder, results, ref, name):
     plots.plot_speedup(os.path.join(folder, "fig1.png"), levs[ref], levs[name],
                        [f"{ref} ({len(floor)} seeds)", f"{name}: qk:patch=8 ({len(s)} seeds)"],
                        target, caption)
+
+
+FIG4 = ("q:patch=8;k:patch=8", "q:patch=6;k:patch=6", "q:drop=0.75")   # the table's columns
+
+
+def probe_table(folder):
+    """Fig. 4 from the offline probes (probe_*.json, one per stage of seed 0's baseline):
+    per stage the uncompressed CA-MSE, bias² / CA-MSE of the FIG4 strategies, and the
+    strategy of least CA-MSE (the schedule's choice) with its units a sample against the
+    uncompressed one's; in units of ‖g‖², as probe.py writes them. Empty without probes."""
+    stages = []
+    for path in glob.glob(os.path.join(folder, "probe_*.json")):
+        with open(path) as f:
+            probe = json.load(f)
+        stages.append((probe["progress"], {r["strategy"]: r for r in probe["rows"]}))
+    if not stages:
+        return ""
+    rows = []
+    for progress, by in sorted(stages, key=lambda s: s[0]):
+        least = min(by.values(), key=lambda r: r["ca_mse"])
+        rows.append((f"{progress:.0%}", f"{by['none']['ca_mse']:.2f}",
+                     *(f"{by[n]['bias2']:.2f} / {by[n]['ca_mse']:.2f}" if n in by else "–"
+                       for n in FIG4),
+                     f"`{least['strategy']}` {least['ca_mse']:.2f}",
+                     f"{least['units']:.1f} of {by['none']['units']:.1f}"))
+    return ("\n\nFig. 4, the offline probes of the first seed's baseline per stage (units of "
+            "‖g‖²; bias² / CA-MSE per strategy):\n\n"
+            + table(["stage", "uncompressed CA-MSE", *(f"`{n}`" for n in FIG4),
+                     "least CA-MSE", "its units a sample"], rows))
 
 
 def probe_units(folder):

@@ -339,3 +339,20 @@ def test_fig8_pairs_each_adaptive_run_with_the_best_constant_of_its_own_seed():
     assert pairs == {"schedule": [(0, 1, -1), (1, 0, -2), (2, 1, 0)]}
     text = figures_tables.paired_table(best, pairs)
     assert "schedule − patch" in text and "+1.0 / +0.0 / +1.0" in text
+
+
+def test_fig4_table_orders_the_stages_and_names_each_stages_least_ca_mse(tmp_path):
+    def row(strategy, bias2, ca_mse, units):
+        return dict(strategy=strategy, bias2=bias2, ca_mse=ca_mse, units=units)
+    for pct, late in ((75, 5.0), (0, 0.5)):     # written out of order on purpose
+        with open(tmp_path / f"probe_{pct}.json", "w") as f:
+            json.dump(dict(progress=pct / 100, rows=[
+                row("none", 0.0, 3.0, 8.0), row("q:patch=8;k:patch=8", late / 4, late, 2.0),
+                row("q:patch=6;k:patch=6", 0.1, 1.0, 3.0)]), f)
+    text = figures_tables.probe_table(str(tmp_path))
+    lines = [ln for ln in text.splitlines() if ln.startswith("| 0%") or ln.startswith("| 75%")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["0%", "75%"]
+    assert "`q:patch=8;k:patch=8` 0.50 | 2.0 of 8.0" in lines[0]      # least CA-MSE early
+    assert "`q:patch=6;k:patch=6` 1.00 | 3.0 of 8.0" in lines[1]      # milder once bias grows
+    assert "1.25 / 5.00" in lines[1] and "| – |" in lines[1]          # bias² / CA-MSE; drop absent
+    assert figures_tables.probe_table(str(tmp_path / "none")) == ""
