@@ -248,16 +248,17 @@ def probe_table(folder):
     per stage the uncompressed CA-MSE, bias² / CA-MSE of the FIG4 strategies, and the
     strategy of least CA-MSE (the schedule's choice) with its units a sample against the
     uncompressed one's; in units of ‖g‖², as probe.py writes them. Empty without probes."""
+    from schedule import best_strategy
     stages = []
     for path in glob.glob(os.path.join(folder, "probe_*.json")):
         with open(path) as f:
             probe = json.load(f)
-        stages.append((probe["progress"], {r["strategy"]: r for r in probe["rows"]}))
+        by = {r["strategy"]: r for r in probe["rows"]}
+        stages.append((probe["progress"], by, by[best_strategy(probe)]))
     if not stages:
         return ""
     rows = []
-    for progress, by in sorted(stages, key=lambda s: s[0]):
-        least = min(by.values(), key=lambda r: r["ca_mse"])
+    for progress, by, least in sorted(stages, key=lambda s: s[0]):
         rows.append((f"{progress:.0%}", f"{by['none']['ca_mse']:.2f}",
                      *(f"{by[n]['bias2']:.2f} / {by[n]['ca_mse']:.2f}" if n in by else "–"
                        for n in FIG4),
