@@ -142,13 +142,39 @@ def probe_and_build(args, base_out):
     return sched
 
 
+def gain_over_pixels(args, out):
+    """--min-gain's measure: the run's final NN (eval.py) minus raw pixels' k-NN on the same
+    bank (eval.py --pixel-knn, written to the figure's pixel_knn.json, which its table
+    quotes). Returns (gain, NN, pixels) in k-NN points."""
+    nn = evaluate([out], args)[out][0]
+    path = os.path.join(args.folder, "pixel_knn.json")
+    if args.fresh or not os.path.isfile(path):
+        subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
+                        os.path.join(out, "last.pt"), "--pixel-knn", "--out", path],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    pixels = figures_tables.pixel_knn(args.folder)
+    return nn - pixels, nn, pixels
+
+
 def fig_compare(args):
     """Figs. 4, 8 and 1 for one method at one budget: the baseline, constant dropout and
     patch scaling, the offline schedule (probes of seed 0's baseline) and ``--accel auto``
-    (online probes charged to its budget); final accuracies, k-NN curves, speed-ups."""
+    (online probes charged to its budget); final accuracies, k-NN curves, speed-ups.
+    ``--min-gain G``: seed 0's baseline runs first, and the rest only if it ends G k-NN points
+    above raw pixels on its bank (a method that does not learn has nothing to accelerate)."""
     m, b, seeds = args.method, args.budget, args.seed_list
     consts = seeds[:args.constant_seeds]
     base = [spec_n(args, m, "baseline", b, s) for s in seeds]
+    if args.min_gain is not None:
+        run_all(base[:1], args)
+        gain, nn, pixels = gain_over_pixels(args, base[0][0])
+        if gain < args.min_gain:
+            print(f"{m}'s baseline (seed {seeds[0]}) ends at {nn:.1f} % NN, {gain:+.1f} points "
+                  f"from raw pixels' {pixels:.1f} % on its bank: below --min-gain "
+                  f"{args.min_gain:g}. It does not learn at this budget, so there is nothing to "
+                  "accelerate: the figure is this baseline alone")
+            write_figure(args, {"baseline": [base[0][0]]})
+            return
     drop = [spec_n(args, m, "drop", b, s, "--accel", DROP) for s in consts]
     run_all(base + drop, args)
     sched = probe_and_build(args, base[0][0])
@@ -273,6 +299,10 @@ def parse_args(argv=None):
                          "). compare, constant, decay: pretrain on N images of the split, also "
                          "the k-NN bank (many epochs in a budget; runs <name>_n<N>, figure "
                          "<figure>_<method>_n<N>[_<budget>]/)")
+    ap.add_argument("--min-gain", type=float, default=None,
+                    help="compare: run seed 0's baseline first, and the rest only if its final "
+                         "NN ends this many points above raw pixels' k-NN on its bank (default: "
+                         "no such check; the many-epoch figures use 5)")
     ap.add_argument("--half-size", type=int, default=None,
                     help="views: 'half the images' (default: half of --full-size or the split)")
     ap.add_argument("--variants", default=",".join(AUTO_NAMES),
@@ -304,6 +334,8 @@ def parse_args(argv=None):
         ap.error(f"--full-size is for views, compare, constant and decay, not {args.figure}")
     if args.full_size is not None and args.full_size < 2:
         ap.error(f"--full-size {args.full_size} must be ≥ 2 images (half of it is a group)")
+    if args.min_gain is not None and args.figure != "compare":
+        ap.error(f"--min-gain is for compare, not {args.figure}")
     if args.half_size is not None and not 1 <= args.half_size < (args.full_size or float("inf")):
         ap.error(f"--half-size {args.half_size} must be ≥ 1"
                  + (f" and below --full-size {args.full_size}" if args.full_size else ""))

@@ -159,6 +159,12 @@ def render_group(folder, manifest):
                  f"{results['offline_probe_units']:,.0f} units "
                  f"({results['offline_probe_units'] / budget:.1%} of the budget, not charged "
                  "to its runs).")
+    pixels = pixel_knn(folder)
+    if pixels is not None:
+        results["pixel_knn"] = pixels
+        text += (f"\nRaw pixels' k-NN on the same bank (pixel_knn.json, eval.py --pixel-knn): "
+                 f"{pixels:.1f} %; '{names[0]}' ends "
+                 f"{spread([v - pixels for v in base['nn']['values']])} points above it.")
     costs = [f"* {n}: its probes spent "
              f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget, "
              "charged to it" for n, r in results.items()
@@ -268,6 +274,16 @@ def probe_table(folder):
             "‖g‖²; bias² / CA-MSE per strategy):\n\n"
             + table(["stage", "uncompressed CA-MSE", *(f"`{n}`" for n in FIG4),
                      "least CA-MSE", "its units a sample"], rows))
+
+
+def pixel_knn(folder):
+    """Raw pixels' k-NN top-1 % on the figure's bank (its pixel_knn.json, written by
+    eval.py --pixel-knn), or None without one."""
+    path = os.path.join(folder, "pixel_knn.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["pixel_knn"]["top1"]
 
 
 def probe_units(folder):

@@ -356,3 +356,48 @@ def test_fig4_table_orders_the_stages_and_names_each_stages_least_ca_mse(tmp_pat
     assert "`q:patch=6;k:patch=6` 1.00 | 3.0 of 8.0" in lines[1]      # milder once bias grows
     assert "1.25 / 5.00" in lines[1] and "| – |" in lines[1]          # bias² / CA-MSE; drop absent
     assert figures_tables.probe_table(str(tmp_path / "none")) == ""
+
+
+def test_min_gain_runs_only_the_first_baseline_of_a_method_that_does_not_learn(
+        tmp_path, monkeypatch, capsys):
+    """--min-gain 5: seed 0's baseline runs first; 3 points above raw pixels, the figure is
+    that baseline alone (nothing else trained), and its table quotes the pixels; 6 points
+    above, compare goes on to the other baselines and the constants."""
+    monkeypatch.setattr(figures_tables.plots, "pyplot", lambda note="": None)   # tables only
+    with pytest.raises(SystemExit):
+        figures.parse_args(["constant", "--min-gain", "5"])
+    assert "--min-gain is for compare, not constant" in capsys.readouterr().err
+    argv = ["compare", "--full-size", "1000", "--budget", "1k", "--min-gain", "5",
+            "--out", str(tmp_path)]
+    args = figures.parse_args(argv)
+    folder = figures.figure_folder(args)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "pixel_knn.json"), "w") as f:       # eval.py --pixel-knn's
+        json.dump(dict(pixel_knn=dict(top1=40.0)), f)
+    ran, asked = [], []
+
+    def run_all(runs, _):
+        asked.append([os.path.basename(o) for o, _ in runs])
+        for o, argv in runs:
+            if not os.path.isdir(o):
+                record(o, int(o[-1]), RISE, 43.0)                      # NN 43 = pixels + 3
+                with open(os.path.join(o, "DONE.json"), "w") as f:    # finished: reused
+                    json.dump(dict(argv=[*argv, "--out", o]), f)
+        if len(asked) > 1:
+            raise StopIteration
+    monkeypatch.setattr(figures, "run_all", run_all)
+    monkeypatch.setattr(figures, "evaluate", lambda outs, a: {o: (43.0, 44.0) for o in outs})
+    figures.main(argv)
+    assert asked == [["baseline_n1000_1k_s0"]]
+    assert "ends at 43.0 % NN, +3.0 points from raw pixels' 40.0 %" in capsys.readouterr().out
+    text = open(os.path.join(folder, "table.md")).read()
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")] == \
+        ["| run", "| baseline"]
+    assert "Raw pixels' k-NN on the same bank (pixel_knn.json, eval.py --pixel-knn): 40.0 %; " \
+           "'baseline' ends 3.0 points above it." in text
+    asked.clear()
+    monkeypatch.setattr(figures, "evaluate", lambda outs, a: {o: (46.0, 44.0) for o in outs})
+    with pytest.raises(StopIteration):
+        figures.main(argv)
+    assert asked[1] == ["baseline_n1000_1k_s0", "baseline_n1000_1k_s1", "baseline_n1000_1k_s2",
+                        "drop_n1000_1k_s0"]
