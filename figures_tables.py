@@ -163,8 +163,8 @@ def render_group(folder, manifest):
     if pixels is not None:
         results["pixel_knn"] = pixels
         text += (f"\nRaw pixels' k-NN on the same bank (pixel_knn.json, eval.py --pixel-knn): "
-                 f"{pixels:.1f} %; '{names[0]}' ends "
-                 f"{spread([v - pixels for v in base['nn']['values']])} points above it.")
+                 f"{pixels:.1f} %; '{names[0]}' minus raw pixels: "
+                 f"{spread([v - pixels for v in base['nn']['values']])} points.")
     costs = [f"* {n}: its probes spent "
              f"{spread([u / budget * 100 for u in r['probe_units']])} % of the budget, "
              "charged to it" for n, r in results.items()

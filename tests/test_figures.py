@@ -394,7 +394,7 @@ def test_min_gain_runs_only_the_first_baseline_of_a_method_that_does_not_learn(
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")] == \
         ["| run", "| baseline"]
     assert "Raw pixels' k-NN on the same bank (pixel_knn.json, eval.py --pixel-knn): 40.0 %; " \
-           "'baseline' ends 3.0 points above it." in text
+           "'baseline' minus raw pixels: 3.0 points." in text
     asked.clear()
     monkeypatch.setattr(figures, "evaluate", lambda outs, a: {o: (46.0, 44.0) for o in outs})
     with pytest.raises(StopIteration):
