@@ -280,7 +280,7 @@ def build_training(run):
                     data.EvalDataset(val, run.backbone.img_size))
     run.optimizer, run.peak_lr = build_optimizer(args, run.method)
     run.scaler = precision.loss_scaler(run.device, run.precision)
-    run.watch = torch.zeros(4, device=run.device)          # train.watch_loss
+    run.watch = torch.zeros(4, device=run.device)          # step.watch_loss
     run.model = run.method
     if run.world > 1:
         # Buffers (BN running stats, DINO centre) are computed from global-batch statistics

@@ -30,6 +30,7 @@ import distributed  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
 import startup  # noqa: E402
+import step  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
@@ -173,7 +174,7 @@ def test_the_fused_clipping_gives_the_gradients_of_the_per_parameter_loop():
     assert min(norms) < 0.5 < max(norms)
     _clip_per_parameter(loop, 0.5)
     with OpRecorder() as recorder:
-        train.clip_gradients(model, 0.5)
+        step.clip_gradients(model, 0.5)
     for p, q in zip(model.parameters(), loop.parameters()):
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     assert recorder.ops.count("_foreach_norm") == recorder.ops.count("_foreach_mul_") == 1

@@ -18,6 +18,7 @@ from checkpoint import load_backbone  # noqa: E402
 import heads  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
+import step  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from options import get_args  # noqa: E402
@@ -36,7 +37,7 @@ def test_clip_gradients_clips_each_parameter_to_the_norm_on_its_own():
     layer = torch.nn.Linear(4, 3)
     layer.weight.grad = torch.full((3, 4), 10.0)                       # norm 34.6
     layer.bias.grad = torch.tensor([0.3, 0.4, 0.0])                    # norm 0.5
-    train.clip_gradients(layer, 3.0)
+    step.clip_gradients(layer, 3.0)
     assert layer.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
     assert torch.allclose(layer.weight.grad, torch.full((3, 4), layer.weight.grad[0, 0].item()))
     torch.testing.assert_close(layer.bias.grad, torch.tensor([0.3, 0.4, 0.0]))
@@ -87,8 +88,8 @@ def test_dino_run_freezes_the_last_layer_clips_and_evaluates_the_teacher(tmp_pat
     """A tiny DINO run: the prototypes take no step before --freeze-last-layer and do after;
     every step clips; and k-NN is measured on the teacher's backbone."""
     clips, evaluated = [], []
-    clip = train.clip_gradients
-    monkeypatch.setattr(train, "clip_gradients", lambda m, n: (clips.append(n), clip(m, n)))
+    clip = step.clip_gradients
+    monkeypatch.setattr(step, "clip_gradients", lambda m, n: (clips.append(n), clip(m, n)))
     monkeypatch.setattr(train.protocols, "knn_accuracy", lambda net, *a, **k: (
         evaluated.append({k: v.clone() for k, v in net.state_dict().items()}), 0.0)[1])
     out = str(tmp_path / "dino")
