@@ -147,7 +147,7 @@ def gain_over_pixels(args, out):
     bank (eval.py --pixel-knn, written to the figure's pixel_knn.json, which its table
     quotes). Returns (gain, NN, pixels) in k-NN points."""
     nn = evaluate([out], args)[out][0]
-    path = os.path.join(args.folder, "pixel_knn.json")
+    path = os.path.join(args.folder, figures_tables.PIXEL_KNN)
     if args.fresh or not os.path.isfile(path):
         subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
                         os.path.join(out, "last.pt"), "--pixel-knn", "--out", path],

@@ -276,10 +276,13 @@ def probe_table(folder):
                      "least CA-MSE", "its units a sample"], rows))
 
 
+PIXEL_KNN = "pixel_knn.json"      # a figure's raw-pixel reference (eval.py --pixel-knn)
+
+
 def pixel_knn(folder):
-    """Raw pixels' k-NN top-1 % on the figure's bank (its pixel_knn.json, written by
+    """Raw pixels' k-NN top-1 % on the figure's bank (its PIXEL_KNN, written by
     eval.py --pixel-knn), or None without one."""
-    path = os.path.join(folder, "pixel_knn.json")
+    path = os.path.join(folder, PIXEL_KNN)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
